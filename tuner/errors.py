@@ -1,0 +1,22 @@
+"""Error types that decide tuner's exit codes.
+
+`UserError` is for anything the user can fix (bad spec, missing file, unreachable URL): the CLI
+prints it as one line `error: ...` and exits with `EXIT_USER_ERROR`. Any other exception is an
+internal fault and exits with `EXIT_INTERNAL`.
+"""
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input; the message names what is wrong and how to fix it."""
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+        self.where = where
+        self.fix = fix
+        parts = [f"{where}: {message}" if where else message]
+        if fix:
+            parts.append(fix)
+        super().__init__("; ".join(parts))
