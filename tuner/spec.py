@@ -1,0 +1,177 @@
+"""The Workspace's tuning spec, exactly as Kaito users write it, validated with field paths."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuner.errors import UserError
+from tuner.yamlio import field_path, load_yaml_file
+
+API_VERSIONS = ("kaito.sh/v1alpha1", "kaito.sh/v1beta1")
+METHODS = ("lora", "qlora")
+# Hostnames of cloud instance-metadata services: reading them from a Job leaks node credentials.
+METADATA_HOSTS = frozenset({
+    "metadata.google.internal", "metadata.goog", "metadata.azure.com", "metadata",
+    "instance-data", "instance-data.ec2.internal", "metadata.tencentyun.com",
+})
+METADATA_IPS = frozenset({"169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Metadata(BaseModel):
+    """Kubernetes object metadata; only `name` matters to tuner, the rest is kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str | None = None
+
+
+class LabelSelector(_Strict):
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: list[dict[str, Any]] = Field(default_factory=list, alias="matchExpressions")
+
+
+class Resource(_Strict):
+    instance_type: str | None = Field(default=None, alias="instanceType")
+    count: int = Field(default=1, ge=1)
+    label_selector: LabelSelector | None = Field(default=None, alias="labelSelector")
+    preferred_nodes: list[str] = Field(default_factory=list, alias="preferredNodes")
+
+
+class PresetRef(_Strict):
+    name: str = Field(min_length=1)
+    preset_options: dict[str, Any] | None = Field(default=None, alias="presetOptions")
+
+
+def _one_volume(value: dict[str, Any]) -> dict[str, Any]:
+    if len(value) != 1:
+        raise ValueError("a volumeSource holds exactly one volume type (e.g. hostPath, persistentVolumeClaim)")
+    return value
+
+
+class DataSource(_Strict):
+    """`tuning.input`: exactly one of urls, image, volumeSource."""
+
+    name: str | None = None
+    urls: list[str] | None = None
+    image: str | None = None
+    volume_source: dict[str, Any] | None = Field(default=None, alias="volumeSource")
+    image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
+
+    _check_volume = field_validator("volume_source")(lambda v: v if v is None else _one_volume(v))
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DataSource":
+        given = [k for k, v in (("urls", self.urls), ("image", self.image), ("volumeSource", self.volume_source)) if v]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of urls, image, volumeSource (found {', '.join(given) or 'none'})")
+        return self
+
+
+class DataDestination(_Strict):
+    """`tuning.output`: an image with its push secret, or a volumeSource."""
+
+    image: str | None = None
+    image_push_secret: str | None = Field(default=None, alias="imagePushSecret")
+    volume_source: dict[str, Any] | None = Field(default=None, alias="volumeSource")
+
+    _check_volume = field_validator("volume_source")(lambda v: v if v is None else _one_volume(v))
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DataDestination":
+        if bool(self.image) == bool(self.volume_source):
+            raise ValueError("give exactly one of image (with imagePushSecret) or volumeSource")
+        if self.image and not self.image_push_secret:
+            raise ValueError("output.image needs imagePushSecret, the Secret tuner pushes the adapter with")
+        return self
+
+
+class Tuning(_Strict):
+    preset: PresetRef
+    method: Literal["lora", "qlora"]
+    config: str | None = None
+    input: DataSource
+    output: DataDestination
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Workspace(_Strict):
+    """A Kaito Workspace; tuner acts on its `tuning` section."""
+
+    api_version: Literal["kaito.sh/v1alpha1", "kaito.sh/v1beta1"] = Field(alias="apiVersion")
+    kind: Literal["Workspace"]
+    metadata: Metadata
+    resource: Resource = Field(default_factory=Resource)
+    tuning: Tuning | None = None
+    inference: dict[str, Any] | None = None
+    status: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _tuning_xor_inference(self) -> "Workspace":
+        if self.tuning and self.inference:
+            raise ValueError("tuning and inference are exclusive: a Workspace holds one of them")
+        if not self.tuning:
+            raise ValueError("this Workspace has no tuning section; tuner runs tuning Workspaces")
+        return self
+
+
+def check_url(url: str, allow_private: bool, where: str) -> None:
+    """Refuse URLs that are not http(s) or that point inside the cluster or at metadata services."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"{url!r} is not an http(s) URL", where=where, fix="use an http:// or https:// URL")
+    if allow_private:
+        return
+    host = parts.hostname.lower().rstrip(".")
+    fix = "use a public URL, or pass --allow-private-urls for local use"
+    if host == "localhost" or host.endswith(".localhost") or host in METADATA_HOSTS:
+        raise UserError(f"{url!r} points at {host}, which is not allowed", where=where, fix=fix)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if str(address) in METADATA_IPS or not address.is_global:
+        raise UserError(f"{url!r} points at a private, loopback or link-local address", where=where, fix=fix)
+
+
+def load_workspace(path: Path, *, allow_private_urls: bool = False) -> Workspace:
+    """Read and validate a Workspace YAML file; every problem is a UserError naming the field."""
+    document = load_yaml_file(path, "Workspace")
+    if not isinstance(document, dict):
+        raise UserError(f"Workspace file {path} must hold a YAML mapping (apiVersion, kind, ...)",
+                        fix="start from ../shared/seed-examples or the README example")
+    try:
+        workspace = Workspace.model_validate(document)
+    except ValidationError as exc:
+        raise UserError(_describe(exc.errors()[0]), where=f"{path}") from None
+    for index, url in enumerate(workspace.tuning.input.urls or []):
+        check_url(url, allow_private_urls, f"tuning.input.urls[{index}]")
+    return workspace
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One line for a pydantic error: field path, what is wrong, how to fix it."""
+    loc = field_path(tuple(error["loc"]))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown field; remove it or check its spelling"
+    if kind == "missing":
+        return f"{loc}: required field is missing"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{loc}: {error['input']!r} is not allowed; use {expected}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{loc}: {message}" if loc else message
