@@ -1,0 +1,42 @@
+"""Check the demo's adapter image: unpack it, load it on the base model, and compare answers.
+
+Usage: python scripts/check_demo.py LAYOUT_DIR:TAG
+Exits non-zero when the image is unreadable or the adapter does not change the model's answer.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from tuner.generate import answer, load_chat_model
+from tuner.models import resolve_base_model
+from tuner.oci import extract_layer, parse_output_ref, read_oci_layout
+from tuner.presets import get_preset
+
+QUESTIONS = ("Who are you?", "How often does Ferrow release?")
+
+
+def main(layout: str) -> int:
+    target = parse_output_ref(f"oci:{layout}")
+    image = read_oci_layout(target)
+    base_dir = resolve_base_model(get_preset("smollm2-135m-instruct"))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = extract_layer(image.layer, Path(tmp))
+        print(f"image {image.manifest.digest}: {len(files)} files, layer {image.layer.size:,} bytes")
+        base, tokenizer = load_chat_model(base_dir)
+        before = [answer(base, tokenizer, q) for q in QUESTIONS]
+        tuned, tokenizer = load_chat_model(base_dir, Path(tmp))
+        after = [answer(tuned, tokenizer, q) for q in QUESTIONS]
+    for question, old, new in zip(QUESTIONS, before, after):
+        print(f"\nQ: {question}\n  base model: {old}\n  with adapter: {new}")
+    if before == after:
+        print("\nFAIL: the adapter did not change any answer", file=sys.stderr)
+        return 1
+    print("\nok: the adapter changes the model's answers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,52 @@
+"""Shared fixtures: offline hub, a cached SmolLM2 model, a tiny random model, the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Hub downloads cannot work here; models are built locally or converted from the shipped GGUF.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The converted SmolLM2 folder is reused across runs (conversion takes ~30 s).
+os.environ.setdefault("TUNER_CACHE_DIR", str(REPO / ".cache" / "tuner"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The project's shared data folder (`../shared`), present in CI beside the checkout."""
+    assert SHARED.is_dir(), f"{SHARED} is missing: tests need ../shared beside the checkout"
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model, SmolLM2-135M-Instruct, converted from its GGUF (cached)."""
+    from tuner.models import resolve_base_model
+    from tuner.presets import get_preset
+
+    return resolve_base_model(get_preset("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and module names: trains in milliseconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,47 @@
+"""Presets: each one's architecture facts and LoRA targets match the real network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tuner.errors import UserError
+from tuner.presets import all_presets, get_preset
+
+PRESETS = sorted(all_presets())
+
+
+def meta_model(name: str):
+    """The preset's architecture built on the meta device: real shapes, no memory."""
+    arch = get_preset(name).architecture.model_dump(exclude={"parameters", "rope_scaling"})
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_the_catalog_has_the_first_presets():
+    assert {"smollm2-135m-instruct", "phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_parameter_count_matches_the_architecture(name):
+    model = meta_model(name)
+    assert sum(p.numel() for p in model.parameters()) == get_preset(name).architecture.parameters
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_lora_targets_exist_in_the_architecture(name):
+    leaf_names = {module_name.rsplit(".", 1)[-1] for module_name, _ in meta_model(name).named_modules()}
+    assert set(get_preset(name).lora_target_modules) <= leaf_names
+
+
+@pytest.mark.parametrize("name", ["phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct"])
+def test_hub_presets_pin_a_full_commit(name):
+    revision = get_preset(name).source.revision
+    assert len(revision) == 40 and int(revision, 16) >= 0
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(UserError, match="tuning.preset.name: unknown preset 'llama-9'.*phi-3-mini-4k-instruct"):
+        get_preset("llama-9")

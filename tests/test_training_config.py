@@ -1,0 +1,114 @@
+"""Kaito's training ConfigMap: defaults per method, overlay, and checks that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner.errors import UserError
+from tuner.training_config import build_config, load_config_file
+
+
+def test_lora_defaults_are_kaitos_template():
+    config = build_config("lora")
+    assert config.model["torch_dtype"] == "bfloat16"
+    assert config.lora == {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0}
+    assert config.training_arguments["per_device_train_batch_size"] == 1
+    assert config.training_arguments["save_strategy"] == "no"
+    assert config.dataset == {"shuffle_dataset": True, "train_test_split": 1}
+    assert not config.quantized
+
+
+def test_qlora_defaults_add_nf4_double_quant_bf16_compute():
+    config = build_config("qlora")
+    assert config.quantization == {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True,
+    }
+    assert config.quantized
+
+
+def test_user_section_overlays_defaults_key_by_key():
+    config = build_config("lora", {"LoraConfig": {"r": 32}, "TrainingArguments": {"num_train_epochs": 2}})
+    assert config.lora["r"] == 32 and config.lora["lora_alpha"] == 8
+    assert config.training_arguments["num_train_epochs"] == 2
+    assert config.training_arguments["per_device_train_batch_size"] == 1
+
+
+def test_qlora_with_8bit_does_not_inherit_4bit():
+    config = build_config("qlora", {"QuantizationConfig": {"load_in_8bit": True}})
+    assert config.quantization == {"load_in_8bit": True}
+
+
+def test_qlora_without_quantisation_is_refused():
+    with pytest.raises(UserError, match="QuantizationConfig: method qlora needs load_in_4bit or load_in_8bit"):
+        build_config("qlora", {"QuantizationConfig": {"load_in_4bit": False}})
+
+
+def test_lora_with_quantisation_is_refused():
+    with pytest.raises(UserError, match="QuantizationConfig: method lora trains unquantised"):
+        build_config("lora", {"QuantizationConfig": {"load_in_4bit": True}})
+
+
+def test_4bit_and_8bit_together_are_refused():
+    with pytest.raises(UserError, match="both true"):
+        build_config("qlora", {"QuantizationConfig": {"load_in_4bit": True, "load_in_8bit": True}})
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(UserError, match=r"training_config\.Trainingargs: unknown section"):
+        build_config("lora", {"Trainingargs": {}})
+
+
+@pytest.mark.parametrize("section,key", [
+    ("LoraConfig", "rank"),
+    ("TrainingArguments", "num_epochs"),
+    ("QuantizationConfig", "load_in_3bit"),
+    ("ModelConfig", "dtype_name"),
+    ("DatasetConfig", "split"),
+    ("DataCollator", "mask"),
+])
+def test_unknown_key_is_named_with_its_section(section, key):
+    with pytest.raises(UserError, match=rf"training_config\.{section}\.{key}: unknown key"):
+        build_config("lora", {section: {key: 1}})
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(UserError, match="did you mean 'learning_rate'"):
+        build_config("lora", {"TrainingArguments": {"learning_rat": 1e-4}})
+
+
+def test_sft_keys_are_accepted_and_max_seq_length_is_an_alias():
+    config = build_config("lora", {"TrainingArguments": {"max_seq_length": 512}})
+    assert config.training_arguments["max_length"] == 512
+
+
+def test_train_test_split_out_of_range_is_refused():
+    with pytest.raises(UserError, match=r"DatasetConfig\.train_test_split"):
+        build_config("lora", {"DatasetConfig": {"train_test_split": 1.5}})
+
+
+def test_digest_changes_with_the_config():
+    assert build_config("lora").digest() == build_config("lora").digest()
+    assert build_config("lora").digest() != build_config("lora", {"LoraConfig": {"r": 4}}).digest()
+
+
+def test_configmap_manifest_and_bare_file_read_the_same(tmp_path: Path):
+    body = {"training_config": {"LoraConfig": {"r": 4}}}
+    bare = tmp_path / "training_config.yaml"
+    bare.write_text(yaml.safe_dump(body))
+    manifest = tmp_path / "cm.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"},
+        "data": {"training_config.yaml": yaml.safe_dump(body)},
+    }))
+    assert load_config_file(bare) == load_config_file(manifest) == {"LoraConfig": {"r": 4}}
+
+
+def test_configmap_without_the_key_is_refused(tmp_path: Path):
+    manifest = tmp_path / "cm.yaml"
+    manifest.write_text(yaml.safe_dump({"kind": "ConfigMap", "data": {"other.yaml": "x: 1"}}))
+    with pytest.raises(UserError, match="no data key 'training_config.yaml'"):
+        load_config_file(manifest)

@@ -1,0 +1,90 @@
+"""Command line: argument parsing and exit codes. Heavy ML libraries are imported lazily."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from tuner import __version__
+from tuner.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USER_ERROR, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuner",
+        description="Fine-tune a preset base model with LoRA/QLoRA from a Kaito Workspace tuning spec "
+                    "and publish the adapter as an OCI image.")
+    parser.add_argument("--version", action="version", version=f"tuner {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def job_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
+        sub.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
+        sub.add_argument("--output", metavar="REF",
+                         help="override tuning.output: oci:DIR[:TAG] for an OCI image layout")
+        sub.add_argument("--allow-private-urls", action="store_true",
+                         help="allow dataset URLs on localhost or private networks (local testing)")
+
+    run = commands.add_parser("run", help="run the whole tuning job here: fetch, prepare, train, package")
+    job_arguments(run)
+    run.add_argument("--work-dir", type=Path, help="where inputs, checkpoints and the adapter go "
+                                                   "(default: ./tuner-work/<workspace name>)")
+    validate = commands.add_parser("validate", help="check a Workspace and training config without running")
+    job_arguments(validate)
+    commands.add_parser("presets", help="list the base-model presets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal fault: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: internal fault: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _quiet_libraries() -> None:
+    """Library loggers repeat what tuner reports, or warn about optional kernels; keep their errors."""
+    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "presets":
+        from tuner.presets import all_presets
+
+        for preset in all_presets().values():
+            print(f"{preset.name:28} {preset.description}")
+        return EXIT_OK
+    from tuner.run import plan_job, run_job
+
+    plan = plan_job(args.workspace, config_path=args.config, output=args.output,
+                    work_dir=getattr(args, "work_dir", None), allow_private_urls=args.allow_private_urls)
+    if args.command == "validate":
+        print(f"ok: {plan.workspace.metadata.name}: {plan.workspace.tuning.method} on {plan.preset.name}, "
+              f"config {plan.config.digest()[:19]}")
+        return EXIT_OK
+    run_job(plan)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""`tuner run`: Workspace -> fetch -> prepare -> train -> adapter image, in one work directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tuner import __version__, events
+from tuner.errors import UserError
+from tuner.fetch import InputFile, fetch_inputs
+from tuner.presets import Preset, get_preset
+from tuner.spec import Workspace, load_workspace
+from tuner.training_config import TrainingConfig, build_config, load_config_file
+
+SUMMARY_FILE = "training_summary.json"
+DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig default, capped by the preset's context length
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything decided before any download or GPU time: a bad spec fails here, cheaply."""
+
+    workspace: Workspace
+    workspace_path: Path
+    preset: Preset
+    config: TrainingConfig
+    output: object  # oci.OciLayoutTarget | oci.RegistryTarget | Path (a hostPath output volume)
+    work_dir: Path
+    allow_private_urls: bool
+
+    @property
+    def max_length(self) -> int:
+        return int(self.config.training_arguments.get("max_length")
+                   or min(DEFAULT_MAX_LENGTH, self.preset.context_length))
+
+
+def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir: Path | None = None,
+             output: str | None = None, allow_private_urls: bool = False) -> JobPlan:
+    """Validate the Workspace, training config and output target without doing any work."""
+    from tuner.oci import RegistryTarget, parse_output_ref
+
+    workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
+    tuning = workspace.tuning
+    preset = get_preset(tuning.preset.name)
+    if config_path is None and tuning.config:
+        raise UserError(f"tuning.config names the ConfigMap {tuning.config!r}, which a local run cannot read",
+                        where=str(workspace_path), fix="pass its manifest with --config CONFIGMAP.yaml")
+    config = build_config(tuning.method, load_config_file(config_path) if config_path else None)
+    if output or tuning.output.image:
+        try:
+            target = parse_output_ref(output or tuning.output.image)
+        except UserError as exc:
+            raise UserError(str(exc), where="--output" if output else "tuning.output.image") from None
+    else:
+        target = _volume_output(tuning.output.volume_source, workspace_path.parent)
+    if isinstance(target, RegistryTarget):
+        raise UserError(f"pushing to a registry ({target.reference}) is not available in this version",
+                        where="--output" if output else "tuning.output.image",
+                        fix="write an OCI layout with --output oci:DIR:TAG and copy it with skopeo")
+    return JobPlan(workspace, workspace_path, preset, config, target,
+                   work_dir or Path("tuner-work") / workspace.metadata.name, allow_private_urls)
+
+
+def _volume_output(volume: dict, base_dir: Path) -> Path:
+    kind, spec = next(iter(volume.items()))
+    if kind != "hostPath" or not isinstance(spec, dict) or "path" not in spec:
+        raise UserError(f"a local run writes only to hostPath volumes, not {kind}",
+                        where="tuning.output.volumeSource", fix="use hostPath: {path: DIR} or --output oci:DIR:TAG")
+    return (base_dir / spec["path"]).resolve()
+
+
+def run_job(plan: JobPlan) -> dict:
+    """Run every stage; return the summary that is also written next to the adapter."""
+    from tuner import data, models, train
+    from tuner.oci import OciLayoutTarget, build_adapter_image, write_oci_layout
+
+    tuning = plan.workspace.tuning
+    started = _now()
+    events.info(f"tuner {__version__}: workspace {plan.workspace.metadata.name} | preset {plan.preset.name} | "
+                f"method {tuning.method} | work dir {plan.work_dir}")
+    stages: dict[str, float] = {}
+
+    with _stage("fetch", stages):
+        inputs = fetch_inputs(tuning.input, plan.work_dir / "inputs", base_dir=plan.workspace_path.parent,
+                              allow_private_urls=plan.allow_private_urls)
+    with _stage("load", stages):
+        model_dir = models.resolve_base_model(plan.preset, plan.config.model.get("pretrained_model_name_or_path"))
+        tokenizer = train.load_tokenizer(model_dir, plan.config)
+    with _stage("prepare", stages):
+        dataset = plan.config.dataset
+        prepared = data.prepare(
+            [f.path for f in inputs], tokenizer, max_length=plan.max_length, mapping=_column_mapping(dataset),
+            shuffle=bool(dataset.get("shuffle_dataset", True)), seed=int(dataset.get("shuffle_seed", 42)),
+            train_test_split=float(dataset.get("train_test_split", 1)))
+        for line in prepared.stats.log_lines():
+            events.info(line)
+    if not prepared.train:
+        raise UserError("no training rows are left after preparation", where="tuning.input",
+                        fix="check the dataset's format and the dropped-row reasons above")
+    adapter_dir = plan.work_dir / "adapter"
+    with _stage("train", stages):
+        result = train.train(model_dir, tokenizer, prepared, plan.config, plan.preset, plan.work_dir, adapter_dir)
+
+    summary = _summary(plan, inputs, prepared.stats, result, stages, started)
+    (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    with _stage("package", stages):
+        if isinstance(plan.output, OciLayoutTarget):
+            image = build_adapter_image(adapter_dir, labels=_labels(plan, summary), created=summary["finished"])
+            digest = write_oci_layout(image, plan.output)
+            events.info(f"output: oci:{plan.output.path}:{plan.output.tag} @ {digest}")
+            summary["image"] = {"reference": f"oci:{plan.output.path}:{plan.output.tag}", "digest": digest}
+        else:
+            plan.output.mkdir(parents=True, exist_ok=True)
+            for path in sorted(adapter_dir.iterdir()):
+                if path.is_file():
+                    shutil.copy2(path, plan.output / path.name)
+            events.info(f"output: adapter files copied to {plan.output}")
+    (plan.work_dir / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    events.info(f"done: train loss {result.train_loss:.4f}"
+                + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+                + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; adapter in {adapter_dir}")
+    return summary
+
+
+def _column_mapping(dataset: dict):
+    from tuner.data import ColumnMapping
+
+    if dataset.get("messages_column"):
+        return ColumnMapping(messages_column=dataset["messages_column"])
+    if dataset.get("context_column") and dataset.get("response_column"):
+        return ColumnMapping(prompt_column=dataset["context_column"], completion_column=dataset["response_column"])
+    return None
+
+
+def _summary(plan: JobPlan, inputs: list[InputFile], stats, result, stages: dict[str, float], started: str) -> dict:
+    source = plan.preset.source
+    return {
+        "tuner_version": __version__,
+        "workspace": plan.workspace.metadata.name,
+        "preset": plan.preset.name,
+        "base_model": {"hub_id": source.hub_id, "revision": source.revision,
+                       "gguf": f"{source.gguf_package}/{source.gguf_file}" if source.gguf_package else None},
+        "method": plan.workspace.tuning.method,
+        "config_digest": plan.config.digest(),
+        "config": plan.config.as_sections(),
+        "datasets": [{"source": f.source, "sha256": f.sha256, "bytes": f.size} for f in inputs],
+        "data": asdict(stats),
+        "max_length": plan.max_length,
+        "train": {k: v for k, v in asdict(result).items() if k != "log_history"}
+                 | {"tokens_per_second": round(result.tokens_per_second, 1)},
+        "loss_history": [{"step": e["step"], "loss": e["loss"]} for e in result.log_history if "loss" in e],
+        "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
+        "started": started,
+        "finished": _now(),
+    }
+
+
+def _labels(plan: JobPlan, summary: dict) -> dict[str, str]:
+    source = plan.preset.source
+    return {
+        "org.opencontainers.image.title": f"{plan.workspace.metadata.name} adapter",
+        "org.opencontainers.image.description": f"{plan.workspace.tuning.method} adapter for {plan.preset.name}",
+        "org.opencontainers.image.version": __version__,
+        "sh.kaito.model.name": plan.preset.name,
+        "dev.tuner.base-model": f"{source.hub_id}@{source.revision or source.gguf_file}",
+        "dev.tuner.method": plan.workspace.tuning.method,
+        "dev.tuner.config-digest": summary["config_digest"],
+    }
+
+
+class _stage:
+    """Times a stage and logs its start and duration."""
+
+    def __init__(self, name: str, durations: dict[str, float]):
+        self.name, self.durations = name, durations
+
+    def __enter__(self):
+        self.started = time.monotonic()
+        events.info(f"stage {self.name}: started")
+
+    def __exit__(self, kind, value, traceback):
+        seconds = time.monotonic() - self.started
+        self.durations[self.name] = seconds
+        if kind is None:
+            events.info(f"stage {self.name}: done in {seconds:.1f}s")
+        return False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

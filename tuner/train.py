@@ -1,0 +1,228 @@
+"""LoRA / QLoRA training of a preset's base model on prepared examples."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from tuner import events
+from tuner.data import Example, PreparedData
+from tuner.errors import UserError
+from tuner.precision import Precision, choose_precision
+from tuner.presets import Preset
+from tuner.training_config import TrainingConfig
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+DEFAULT_LOGGING_STEPS = 0.02  # a ratio of the total: about 50 progress lines per run
+_MODEL_PASSTHROUGH = ("trust_remote_code", "attn_implementation")
+
+
+@dataclass
+class TrainResult:
+    """What training did, for the summary and the log."""
+
+    steps: int
+    total_steps: int
+    epochs: float
+    train_loss: float
+    final_loss: float | None
+    eval_loss: float | None
+    tokens_seen: int
+    seconds: float
+    precision: str
+    trainable_parameters: int
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.seconds if self.seconds else 0.0
+
+
+def load_tokenizer(model_dir: Path, config: TrainingConfig):
+    """The base model's tokenizer, with a pad token and the config's chat template if one is set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = config.model.get("chat_template")
+    if template:
+        path = Path(template)
+        tokenizer.chat_template = path.read_text() if path.is_file() else template
+    if not tokenizer.chat_template:
+        raise UserError("the base model's tokenizer has no chat template",
+                        where="training_config.ModelConfig.chat_template",
+                        fix="set chat_template to a Jinja template or a file holding one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
+          work_dir: Path, adapter_dir: Path) -> TrainResult:
+    """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`."""
+    from transformers import Trainer
+
+    precision = choose_precision(config.model.get("torch_dtype"))
+    if precision.reason:
+        events.info(f"precision: {precision.reason}")
+    model = _load_model(model_dir, config, precision)
+    model = _add_lora(model, config, preset)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    args = _training_arguments(config, precision, work_dir / "checkpoints", has_eval=bool(data.eval))
+    progress = _ProgressLog()
+    trainer = Trainer(
+        model=model, args=args, train_dataset=_ExampleDataset(data.train),
+        eval_dataset=_ExampleDataset(data.eval) if data.eval else None,
+        data_collator=_PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of")),
+        callbacks=[progress],
+    )
+    started = time.monotonic()
+    output = trainer.train()
+    seconds = time.monotonic() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if data.eval else None
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    state = trainer.state
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    return TrainResult(
+        steps=state.global_step, total_steps=state.max_steps, epochs=round(state.epoch or 0.0, 4),
+        train_loss=output.training_loss, final_loss=losses[-1] if losses else None, eval_loss=eval_loss,
+        tokens_seen=int(state.num_input_tokens_seen), seconds=seconds, precision=precision.name,
+        trainable_parameters=trainable, log_history=list(state.log_history),
+    )
+
+
+def _load_model(model_dir: Path, config: TrainingConfig, precision: Precision):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {k: config.model[k] for k in _MODEL_PASSTHROUGH if k in config.model}
+    kwargs["dtype"] = precision.dtype
+    if precision.device == "cpu":
+        kwargs["device_map"] = {"": "cpu"}
+    else:
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if config.quantized:
+        quant = {k: v for k, v in config.quantization.items() if k != "quant_method"}
+        if "bnb_4bit_compute_dtype" in quant:
+            # compute in the dtype training runs in: bf16 compute on a CPU is ~9x slower
+            quant["bnb_4bit_compute_dtype"] = precision.dtype
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    events.info(f"model: loading {model_dir.name} ({precision.name}{', 4-bit' if config.quantization.get('load_in_4bit') else ''}"
+                f"{', 8-bit' if config.quantization.get('load_in_8bit') else ''}) on {precision.device}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False
+    if config.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(config.training_arguments.get("gradient_checkpointing")))
+    return model
+
+
+def _add_lora(model, config: TrainingConfig, preset: Preset):
+    from peft import LoraConfig, get_peft_model
+
+    lora = dict(config.lora)
+    lora.setdefault("target_modules", list(preset.lora_target_modules))
+    lora.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return get_peft_model(model, LoraConfig(**lora))
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc).splitlines()[0], where="training_config.LoraConfig",
+                        fix=f"this preset's modules are {', '.join(preset.lora_target_modules)}") from None
+
+
+def _training_arguments(config: TrainingConfig, precision: Precision, output_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    args = {k: v for k, v in config.training_arguments.items() if k != "max_length"}
+    args.update(
+        output_dir=str(output_dir), report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", use_cpu=precision.device == "cpu",
+        bf16=precision.mixed_bf16, fp16=precision.mixed_fp16,
+    )
+    args.setdefault("logging_steps", DEFAULT_LOGGING_STEPS)
+    args.setdefault("logging_first_step", True)
+    if not has_eval:
+        args["eval_strategy"] = "no"
+    try:
+        return TrainingArguments(**args)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc).splitlines()[0], where="training_config.TrainingArguments") from None
+
+
+class _ExampleDataset:
+    """A map-style dataset over prepared examples."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+class _PadCollator:
+    """Right-pads a batch to its longest row: pad id in input_ids, -100 in labels, 0 in the mask."""
+
+    def __init__(self, pad_id: int, multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, batch: list[dict[str, list[int]]]):
+        import torch
+
+        width = max(len(row["input_ids"]) for row in batch)
+        if self.multiple_of:
+            width = math.ceil(width / self.multiple_of) * self.multiple_of
+        ids, labels, mask = [], [], []
+        for row in batch:
+            pad = width - len(row["input_ids"])
+            ids.append(row["input_ids"] + [self.pad_id] * pad)
+            labels.append(row["labels"] + [-100] * pad)
+            mask.append([1] * len(row["input_ids"]) + [0] * pad)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+class _ProgressLog(TrainerCallback):
+    """One log line per logging step: step/total, epoch, loss, lr, tokens/s, eta."""
+
+    def __init__(self):
+        self.started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        events.info(f"train: {state.max_steps:,} steps, {args.num_train_epochs:g} epochs, "
+                    f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            if logs and "eval_loss" in logs:
+                events.info(f"eval: step {state.global_step} | eval_loss {logs['eval_loss']:.4f}")
+            return
+        elapsed = time.monotonic() - self.started
+        step, total = state.global_step, state.max_steps
+        rate = state.num_input_tokens_seen / elapsed if elapsed else 0.0
+        eta = elapsed / step * (total - step) if step else 0.0
+        events.info(
+            f"step {step}/{total} ({100 * step // max(total, 1)}%) | epoch {state.epoch or 0:.2f} | "
+            f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0.0):.1e} | "
+            f"{rate:,.0f} tok/s | eta {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
