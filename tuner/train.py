@@ -69,15 +69,15 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     precision = choose_precision(config.model.get("torch_dtype"))
     if precision.reason:
         events.info(f"precision: {precision.reason}")
-    model = _load_model(model_dir, config, precision)
+    model = load_base_model(model_dir, config, precision)
     model = _add_lora(model, config, preset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = _training_arguments(config, precision, work_dir / "checkpoints", has_eval=bool(data.eval))
     progress = _ProgressLog()
     trainer = Trainer(
-        model=model, args=args, train_dataset=_ExampleDataset(data.train),
-        eval_dataset=_ExampleDataset(data.eval) if data.eval else None,
-        data_collator=_PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of")),
+        model=model, args=args, train_dataset=ExampleDataset(data.train),
+        eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+        data_collator=PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of")),
         callbacks=[progress],
     )
     started = time.monotonic()
@@ -97,7 +97,8 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     )
 
 
-def _load_model(model_dir: Path, config: TrainingConfig, precision: Precision):
+def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precision):
+    """Load the base model in the training precision, quantised and prepared for k-bit training for qlora."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -157,7 +158,7 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
         raise UserError(str(exc).splitlines()[0], where="training_config.TrainingArguments") from None
 
 
-class _ExampleDataset:
+class ExampleDataset:
     """A map-style dataset over prepared examples."""
 
     def __init__(self, examples: list[Example]):
@@ -171,7 +172,7 @@ class _ExampleDataset:
         return {"input_ids": example.input_ids, "labels": example.labels}
 
 
-class _PadCollator:
+class PadCollator:
     """Right-pads a batch to its longest row: pad id in input_ids, -100 in labels, 0 in the mask."""
 
     def __init__(self, pad_id: int, multiple_of: int | None = None):

@@ -1,0 +1,124 @@
+"""`tuner run` end to end: Workspace + data on loopback -> LoRA on a tiny model -> OCI layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner import cli
+from tuner.oci import OciLayoutTarget, extract_layer, read_oci_layout
+
+ROWS = [
+    {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+    for i in range(6)
+]
+
+
+def workspace(tmp_path: Path, urls: list[str], method: str = "lora") -> Path:
+    doc = {
+        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": "e2e"},
+        "resource": {"instanceType": "Standard_NC6s_v3"},
+        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": method, "config": "e2e-params",
+                   "input": {"urls": urls},
+                   "output": {"image": "registry.example.com/e2e/adapter:1", "imagePushSecret": "push"}},
+    }
+    path = tmp_path / "workspace.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def configmap(tmp_path: Path, model_dir: Path) -> Path:
+    body = {"training_config": {
+        "ModelConfig": {"pretrained_model_name_or_path": str(model_dir)},
+        "TrainingArguments": {"max_steps": 6, "logging_steps": 2, "learning_rate": 0.01, "max_length": 64},
+    }}
+    path = tmp_path / "cm.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "e2e-params"},
+                                    "data": {"training_config.yaml": yaml.safe_dump(body)}}))
+    return path
+
+
+@pytest.fixture()
+def served_rows(http_server) -> list[str]:
+    root, base = http_server
+    half = len(ROWS) // 2
+    (root / "part1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:half]))
+    (root / "part2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[half:]))
+    return [f"{base}/part1.jsonl", f"{base}/part2.jsonl"]
+
+
+@pytest.fixture()
+def finished_run(tmp_path, tiny_model_dir, served_rows, capsys):
+    layout = tmp_path / "layout"
+    code = cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(configmap(tmp_path, tiny_model_dir)),
+                     "--work-dir", str(tmp_path / "work"), "--output", f"oci:{layout}:v1", "--allow-private-urls"])
+    return code, tmp_path, layout, capsys.readouterr().out
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_writes_an_image_whose_files_equal_the_adapter(finished_run):
+    code, tmp_path, layout, _ = finished_run
+    assert code == 0
+    image = read_oci_layout(OciLayoutTarget(layout, "v1"))
+    files = extract_layer(image.layer, tmp_path / "unpacked")
+    unpacked = {p.relative_to(tmp_path / "unpacked").as_posix() for p in files if p.is_file()}
+    adapter = tmp_path / "work" / "adapter"
+    assert {"data/adapter_config.json", "data/adapter_model.safetensors", "data/training_summary.json"} <= unpacked
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_summary.json"):
+        assert sha256_of(tmp_path / "unpacked" / "data" / name) == sha256_of(adapter / name)
+
+
+def test_skopeo_sees_platform_and_labels(finished_run):
+    _, _, layout, _ = finished_run
+    skopeo = shutil.which("skopeo")
+    assert skopeo, "skopeo is installed by scripts/test.sh"
+    info = json.loads(subprocess.run([skopeo, "inspect", f"oci:{layout}:v1"], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert (info["Os"], info["Architecture"]) == ("linux", "amd64")
+    assert info["Labels"]["sh.kaito.model.name"] == "smollm2-135m-instruct"
+    assert info["Labels"]["dev.tuner.method"] == "lora"
+
+
+def test_unpacked_adapter_loads_on_the_base_model(finished_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, tmp_path, layout, _ = finished_run
+    extract_layer(read_oci_layout(OciLayoutTarget(layout, "v1")).layer, tmp_path / "unpacked")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "unpacked" / "data")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_summary_records_data_steps_and_dataset_digests(finished_run, http_server):
+    _, tmp_path, _, _ = finished_run
+    summary = json.loads((tmp_path / "work" / "adapter" / "training_summary.json").read_text())
+    root, _ = http_server
+    assert summary["train"]["steps"] == 6
+    assert summary["data"]["rows_kept"] == len(ROWS)
+    assert [d["sha256"] for d in summary["datasets"]] == [sha256_of(root / "part1.jsonl"), sha256_of(root / "part2.jsonl")]
+    assert summary["method"] == "lora" and summary["preset"] == "smollm2-135m-instruct"
+    assert set(summary["stage_seconds"]) == {"fetch", "load", "prepare", "train"}
+
+
+def test_log_reports_data_and_progress(finished_run):
+    _, _, _, out = finished_run
+    assert "6 rows" in out.replace(",", "") or "6 kept" in out
+    assert "step 6/6 (100%)" in out
+    assert "precision: bfloat16 requested, but this CPU has no fast bfloat16: training in float32" in out
+
+
+def test_registry_output_is_refused_before_any_work(tmp_path, tiny_model_dir, served_rows, capsys):
+    code = cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(configmap(tmp_path, tiny_model_dir)),
+                     "--work-dir", str(tmp_path / "work"), "--allow-private-urls"])
+    assert code == 2
+    assert "tuning.output.image" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
