@@ -72,9 +72,9 @@ def test_run_writes_an_image_whose_files_equal_the_adapter(finished_run):
     files = extract_layer(image.layer, tmp_path / "unpacked")
     unpacked = {p.relative_to(tmp_path / "unpacked").as_posix() for p in files if p.is_file()}
     adapter = tmp_path / "work" / "adapter"
-    assert {"data/adapter_config.json", "data/adapter_model.safetensors", "data/training_summary.json"} <= unpacked
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_summary.json"} <= unpacked
     for name in ("adapter_config.json", "adapter_model.safetensors", "training_summary.json"):
-        assert sha256_of(tmp_path / "unpacked" / "data" / name) == sha256_of(adapter / name)
+        assert sha256_of(tmp_path / "unpacked" / name) == sha256_of(adapter / name)
 
 
 def test_skopeo_sees_platform_and_labels(finished_run):
@@ -94,7 +94,7 @@ def test_unpacked_adapter_loads_on_the_base_model(finished_run, tiny_model_dir):
 
     _, tmp_path, layout, _ = finished_run
     extract_layer(read_oci_layout(OciLayoutTarget(layout, "v1")).layer, tmp_path / "unpacked")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "unpacked" / "data")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "unpacked")
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 

@@ -18,7 +18,7 @@ ROWS = [
                   {"role": "assistant", "content": f"The code word {i} is amber falcon."}]}
     for i in range(4)
 ]
-FAST = {"TrainingArguments": {"max_steps": 24, "learning_rate": 0.02, "logging_steps": 4,
+FAST = {"TrainingArguments": {"max_steps": 24, "learning_rate": 0.005, "logging_steps": 4,
                               "per_device_train_batch_size": 2, "max_length": 128},
         "LoraConfig": {"r": 8, "lora_alpha": 16}}
 

@@ -64,7 +64,7 @@ def load_tokenizer(model_dir: Path, config: TrainingConfig):
 def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
           work_dir: Path, adapter_dir: Path) -> TrainResult:
     """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`."""
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer
 
     precision = choose_precision(config.model.get("torch_dtype"))
     if precision.reason:
@@ -80,6 +80,7 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
         data_collator=PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of")),
         callbacks=[progress],
     )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _ProgressLog writes the lines
     started = time.monotonic()
     output = trainer.train()
     seconds = time.monotonic() - started
@@ -101,6 +102,9 @@ def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precisio
     """Load the base model in the training precision, quantised and prepared for k-bit training for qlora."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # carriage-return bars garble `kubectl logs`
 
     kwargs: dict[str, Any] = {k: config.model[k] for k in _MODEL_PASSTHROUGH if k in config.model}
     kwargs["dtype"] = precision.dtype
