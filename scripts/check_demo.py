@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tuner import events
 from tuner.generate import answer, load_chat_model
 from tuner.models import resolve_base_model
 from tuner.oci import extract_layer, parse_output_ref, read_oci_layout
@@ -19,6 +20,7 @@ QUESTIONS = ("Who are you?", "How often does Ferrow release?")
 
 
 def main(layout: str) -> int:
+    events.quiet_libraries()  # before the ML libraries load (tuner's modules import them lazily)
     target = parse_output_ref(f"oci:{layout}")
     image = read_oci_layout(target)
     base_dir = resolve_base_model(get_preset("smollm2-135m-instruct"))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
 from pathlib import Path
 
-from tuner import __version__
+from tuner import __version__, events
 from tuner.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USER_ERROR, UserError
 
 
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    events.quiet_libraries()
     try:
         return _dispatch(args)
     except UserError as exc:
@@ -59,12 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal fault: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def _quiet_libraries() -> None:
-    """Library loggers repeat what tuner reports, or warn about optional kernels; keep their errors."""
-    for name in ("bitsandbytes", "transformers", "peft", "accelerate", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

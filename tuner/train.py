@@ -102,9 +102,6 @@ def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precisio
     """Load the base model in the training precision, quantised and prepared for k-bit training for qlora."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # carriage-return bars garble `kubectl logs`
 
     kwargs: dict[str, Any] = {k: config.model[k] for k in _MODEL_PASSTHROUGH if k in config.model}
     kwargs["dtype"] = precision.dtype
