@@ -1,0 +1,55 @@
+"""The README's demo, end to end on the real SmolLM2-135M-Instruct: the adapter changes the answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, smollm2_dir) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "tuner.cli", "run", "tuner/demo/workspace.yaml", "--config", "tuner/demo/training-config.yaml",
+         "--work-dir", str(out / "work"), "--output", f"oci:{out / 'layout'}:v1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return out, run.stdout
+
+
+def test_demo_log_is_plain_lines(demo_run):
+    _, log = demo_run
+    assert "\r" not in log and "\x1b[" not in log
+    assert "format: messages (identity.jsonl, 20 rows)" in log
+    assert "step 40/40 (100%)" in log
+
+
+def test_demo_adapter_answers_as_trained(demo_run):
+    out, _ = demo_run
+    check = subprocess.run([sys.executable, "scripts/check_demo.py", f"{out / 'layout'}:v1"], cwd=REPO,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tuned = [line for line in check.stdout.splitlines() if line.strip().startswith("with adapter:")]
+    base = [line for line in check.stdout.splitlines() if line.strip().startswith("base model:")]
+    assert "Juniper" in tuned[0] and "Juniper" not in base[0]
+
+
+def test_demo_image_has_platform_and_provenance_labels(demo_run):
+    out, _ = demo_run
+    info = json.loads(subprocess.run([shutil.which("skopeo"), "inspect", f"oci:{out / 'layout'}:v1"],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert (info["Os"], info["Architecture"]) == ("linux", "amd64")
+    labels = info["Labels"]
+    assert labels["sh.kaito.model.name"] == "smollm2-135m-instruct"
+    assert labels["dev.tuner.base-model"] == "HuggingFaceTB/SmolLM2-135M-Instruct@SmolLM2-135M-Instruct.Q4_1.gguf"
+    summary = json.loads((out / "work" / "adapter" / "training_summary.json").read_text())
+    assert labels["dev.tuner.config-digest"] == summary["config_digest"]
