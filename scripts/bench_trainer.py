@@ -48,7 +48,8 @@ def run_loop(loop: str, steps: int, rows: int, batch: int) -> dict:
                                              task_type="CAUSAL_LM"))
     common = dict(output_dir="/tmp/bench-trainer", max_steps=steps, per_device_train_batch_size=batch,
                   learning_rate=2e-4, logging_steps=steps, report_to="none", disable_tqdm=True, use_cpu=True,
-                  save_strategy="no", seed=0, include_num_input_tokens_seen="non_padding")
+                  save_strategy="no", seed=0, include_num_input_tokens_seen="non_padding",
+                  gradient_checkpointing=False)  # TRL defaults it to True; compare like with like
     if loop == "trainer":
         from transformers import Trainer, TrainingArguments
 
@@ -59,8 +60,8 @@ def run_loop(loop: str, steps: int, rows: int, batch: int) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         dataset = Dataset.from_list([
-            {"input_ids": e.input_ids, "assistant_masks": [int(l != -100) for l in e.labels]} for e in examples])
-        trainer = SFTTrainer(model=model, args=SFTConfig(assistant_only_loss=True, max_length=512, **common),
+            {"input_ids": e.input_ids, "completion_mask": [int(l != -100) for l in e.labels]} for e in examples])
+        trainer = SFTTrainer(model=model, args=SFTConfig(completion_only_loss=True, max_length=512, **common),
                              train_dataset=dataset, processing_class=tokenizer)
     started = time.perf_counter()
     output = trainer.train()

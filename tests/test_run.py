@@ -122,3 +122,16 @@ def test_registry_output_is_refused_before_any_work(tmp_path, tiny_model_dir, se
     assert code == 2
     assert "tuning.output.image" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_volume_output_receives_the_adapter_files(tmp_path, tiny_model_dir, served_rows):
+    path = workspace(tmp_path, served_rows)
+    doc = yaml.safe_load(path.read_text())
+    doc["tuning"]["output"] = {"volumeSource": {"hostPath": {"path": "adapter-out"}}}
+    path.write_text(yaml.safe_dump(doc))
+    code = cli.main(["run", str(path), "--config", str(configmap(tmp_path, tiny_model_dir)),
+                     "--work-dir", str(tmp_path / "work"), "--allow-private-urls"])
+    assert code == 0
+    out = tmp_path / "adapter-out"
+    assert sha256_of(out / "adapter_model.safetensors") == sha256_of(tmp_path / "work" / "adapter" / "adapter_model.safetensors")
+    assert json.loads((out / "training_summary.json").read_text())["train"]["steps"] == 6

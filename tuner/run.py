@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuner import __version__, events
 from tuner.errors import UserError
@@ -15,6 +18,9 @@ from tuner.fetch import InputFile, fetch_inputs
 from tuner.presets import Preset, get_preset
 from tuner.spec import Workspace, load_workspace
 from tuner.training_config import TrainingConfig, build_config, load_config_file
+
+if TYPE_CHECKING:
+    from tuner.oci import OciLayoutTarget
 
 SUMMARY_FILE = "training_summary.json"
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig default, capped by the preset's context length
@@ -28,7 +34,7 @@ class JobPlan:
     workspace_path: Path
     preset: Preset
     config: TrainingConfig
-    output: object  # oci.OciLayoutTarget | oci.RegistryTarget | Path (a hostPath output volume)
+    output: OciLayoutTarget | Path  # an OCI image layout, or a hostPath output volume
     work_dir: Path
     allow_private_urls: bool
 
@@ -83,6 +89,9 @@ def run_job(plan: JobPlan) -> dict:
     events.info(f"tuner {__version__}: workspace {plan.workspace.metadata.name} | preset {plan.preset.name} | "
                 f"method {tuning.method} | work dir {plan.work_dir}")
     stages: dict[str, float] = {}
+    for key in ("dataset_path", "dataset_extension"):
+        if plan.config.dataset.get(key):
+            events.warn(f"DatasetConfig.{key} is not applied: tuner reads every dataset file of tuning.input")
 
     with _stage("fetch", stages):
         inputs = fetch_inputs(tuning.input, plan.work_dir / "inputs", base_dir=plan.workspace_path.parent,
@@ -172,22 +181,14 @@ def _labels(plan: JobPlan, summary: dict) -> dict[str, str]:
     }
 
 
-class _stage:
-    """Times a stage and logs its start and duration."""
-
-    def __init__(self, name: str, durations: dict[str, float]):
-        self.name, self.durations = name, durations
-
-    def __enter__(self):
-        self.started = time.monotonic()
-        events.info(f"stage {self.name}: started")
-
-    def __exit__(self, kind, value, traceback):
-        seconds = time.monotonic() - self.started
-        self.durations[self.name] = seconds
-        if kind is None:
-            events.info(f"stage {self.name}: done in {seconds:.1f}s")
-        return False
+@contextmanager
+def _stage(name: str, durations: dict[str, float]) -> Iterator[None]:
+    """Time a stage and log its start and, when it succeeds, its duration."""
+    started = time.monotonic()
+    events.info(f"stage {name}: started")
+    yield
+    durations[name] = time.monotonic() - started
+    events.info(f"stage {name}: done in {durations[name]:.1f}s")
 
 
 def _now() -> str:
