@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback, Trainer,
+                          TrainerCallback, TrainingArguments)
 
 from tuner import events
 from tuner.data import Example, PreparedData
@@ -17,7 +20,6 @@ from tuner.precision import Precision, choose_precision
 from tuner.presets import Preset
 from tuner.training_config import TrainingConfig
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_LOGGING_STEPS = 0.02  # a ratio of the total: about 50 progress lines per run
 _MODEL_PASSTHROUGH = ("trust_remote_code", "attn_implementation")
 
@@ -45,8 +47,6 @@ class TrainResult:
 
 def load_tokenizer(model_dir: Path, config: TrainingConfig):
     """The base model's tokenizer, with a pad token and the config's chat template if one is set."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = config.model.get("chat_template")
     if template:
@@ -64,8 +64,6 @@ def load_tokenizer(model_dir: Path, config: TrainingConfig):
 def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
           work_dir: Path, adapter_dir: Path) -> TrainResult:
     """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`."""
-    from transformers import PrinterCallback, Trainer
-
     precision = choose_precision(config.model.get("torch_dtype"))
     if precision.reason:
         events.info(f"precision: {precision.reason}")
@@ -100,9 +98,6 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
 
 def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precision):
     """Load the base model in the training precision, quantised and prepared for k-bit training for qlora."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     kwargs: dict[str, Any] = {k: config.model[k] for k in _MODEL_PASSTHROUGH if k in config.model}
     kwargs["dtype"] = precision.dtype
     if precision.device == "cpu":
@@ -120,16 +115,12 @@ def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precisio
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False
     if config.quantized:
-        from peft import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(config.training_arguments.get("gradient_checkpointing")))
     return model
 
 
 def _add_lora(model, config: TrainingConfig, preset: Preset):
-    from peft import LoraConfig, get_peft_model
-
     lora = dict(config.lora)
     lora.setdefault("target_modules", list(preset.lora_target_modules))
     lora.setdefault("task_type", "CAUSAL_LM")
@@ -141,8 +132,6 @@ def _add_lora(model, config: TrainingConfig, preset: Preset):
 
 
 def _training_arguments(config: TrainingConfig, precision: Precision, output_dir: Path, has_eval: bool):
-    from transformers import TrainingArguments
-
     args = {k: v for k, v in config.training_arguments.items() if k != "max_length"}
     args.update(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, remove_unused_columns=False,
@@ -181,8 +170,6 @@ class PadCollator:
         self.multiple_of = multiple_of
 
     def __call__(self, batch: list[dict[str, list[int]]]):
-        import torch
-
         width = max(len(row["input_ids"]) for row in batch)
         if self.multiple_of:
             width = math.ceil(width / self.multiple_of) * self.multiple_of
