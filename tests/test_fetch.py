@@ -58,5 +58,5 @@ def test_host_path_volume_lists_data_files_recursively(tmp_path):
 
 def test_missing_host_path_is_named(tmp_path):
     source = DataSource(volumeSource={"hostPath": {"path": "nowhere"}})
-    with pytest.raises(UserError, match=r"volumeSource.hostPath.path.*nowhere does not exist"):
+    with pytest.raises(UserError, match=r"volumeSource.hostPath.path.*nowhere: dataset path not found"):
         fetch_inputs(source, tmp_path, base_dir=tmp_path)

@@ -26,7 +26,7 @@ FAST = {"TrainingArguments": {"max_steps": 24, "learning_rate": 0.005, "logging_
 def prepared(tokenizer, tmp_path: Path) -> data.PreparedData:
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    return data.prepare([path], tokenizer, max_length=128)
+    return data.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared")
 
 
 def run_training(model_dir: Path, method: str, tmp_path: Path) -> tuple[train.TrainResult, Path]:
@@ -34,7 +34,7 @@ def run_training(model_dir: Path, method: str, tmp_path: Path) -> tuple[train.Tr
     tokenizer = train.load_tokenizer(model_dir, config)
     adapter = tmp_path / "adapter"
     result = train.train(model_dir, tokenizer, prepared(tokenizer, tmp_path), config,
-                         get_preset("smollm2-135m-instruct"), tmp_path / "work", adapter)
+                         get_preset("smollm2-135m-instruct"), tmp_path / "work", adapter, max_length=128)
     return result, adapter
 
 

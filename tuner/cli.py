@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a Workspace and training config without running")
     job_arguments(validate)
     commands.add_parser("presets", help="list the base-model presets")
+    check = commands.add_parser("check-data", help="report what preparation would do to dataset files, "
+                                                   "without training")
+    check.add_argument("files", type=Path, nargs="+", help="dataset files or folders")
+    check.add_argument("--preset", default="smollm2-135m-instruct", help="whose tokenizer and chat template to use")
+    check.add_argument("--tokenizer", type=Path, help="a tokenizer folder to use instead of the preset's model")
+    check.add_argument("--config", type=Path, help="training ConfigMap: its DatasetConfig and max_length apply")
+    check.add_argument("--max-length", type=int, help="override TrainingArguments.max_length")
     return parser
 
 
@@ -66,6 +73,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for preset in all_presets().values():
             print(f"{preset.name:28} {preset.description}")
+        return EXIT_OK
+    if args.command == "check-data":
+        from tuner.run import check_data
+
+        for line in check_data(args.files, preset_name=args.preset, tokenizer_dir=args.tokenizer,
+                               config_path=args.config, max_length=args.max_length):
+            print(line)
         return EXIT_OK
     from tuner.run import plan_job, run_job
 

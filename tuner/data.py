@@ -1,63 +1,42 @@
-"""Dataset files -> tokenized training examples whose labels carry loss only on assistant turns.
+"""Dataset files -> prepared training examples on disk, with a report of everything done to them.
 
-Each file is read into an Arrow table, its format detected from its columns (OpenAI `messages`, or
-`prompt`/`completion`), every row turned into a chat, rendered with the tokenizer's own chat
-template and tokenized. Assistant spans are found by rendering prefixes of the conversation, so
-templates need no `{% generation %}` markers. Rows that cannot be used are dropped and counted.
+Files are streamed chunk by chunk (tuner.readers), each row turned into a chat or a text
+(tuner.formats), rendered and tokenized in batches (tuner.encode) and appended to an Arrow file
+(tuner.store). Only per-row lengths stay in memory, so memory is flat as the data grows. Rows
+that cannot be used are dropped and counted with the first few row numbers per reason, or, under
+`bad_rows: error`, stop the job naming the file and row.
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv
-import pyarrow.parquet
-from jinja2 import TemplateError
 
+from tuner import formats, readers
+from tuner.encode import LONG_ROW_POLICIES, Encoder
 from tuner.errors import UserError
+from tuner.store import ExampleStore, StoreWriter
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-MESSAGES = "messages"
-PROMPT_COMPLETION = "prompt-completion"
-IGNORE = -100
-
-MALFORMED = "malformed messages"
-NO_ASSISTANT = "no assistant turn"
-EMPTY_CONTENT = "empty content"
-NOT_PREFIX_STABLE = "chat template not prefix-stable"
-TEMPLATE_ERROR = "chat template error"
-NO_LABELS = "no label tokens after truncation"
-
-
-@dataclass(frozen=True)
-class ColumnMapping:
-    """Explicit column choice from Kaito's DatasetConfig; None fields fall back to detection/defaults."""
-
-    messages_column: str | None = None
-    prompt_column: str | None = None  # Kaito's context_column
-    completion_column: str | None = None  # Kaito's response_column
+BAD_ROW_POLICIES = ("drop", "error")
+ROWS_NAMED_PER_REASON = 5
+STORE_FILE = "examples.arrow"
 
 
 @dataclass
-class Example:
-    """One tokenized conversation; `labels` is -100 wherever no loss is taken."""
+class Dropped:
+    """How many rows one reason dropped, and where the first few were."""
 
-    input_ids: list[int]
-    labels: list[int]
+    count: int = 0
+    rows: list[str] = field(default_factory=list)
 
 
 @dataclass
 class FileReport:
     path: str
     format: str
+    description: str
     rows: int
 
 
@@ -66,299 +45,171 @@ class DataStats:
     files: list[FileReport]
     rows_read: int
     rows_kept: int
-    rows_dropped: dict[str, int]
+    dropped: dict[str, Dropped]
     tokens: int
     label_tokens: int
+    max_length: int
+    long_row_policy: str
+    long_rows: int
     truncated_rows: int
     truncated_tokens: int
+    length_p50: int
+    length_p95: int
+    length_max: int
     train_rows: int
     eval_rows: int
 
     def log_lines(self) -> list[str]:
-        """Human summary lines for the job log."""
-        lines = [f"data: {_count(len(self.files), 'file')}, {self.rows_read:,} rows read, {self.rows_kept:,} kept, "
-                 f"{sum(self.rows_dropped.values()):,} dropped; {self.train_rows:,} train / {self.eval_rows:,} eval"]
-        lines += [f"format: {f.format} ({Path(f.path).name}, {_count(f.rows, 'row')})" for f in self.files]
-        if self.rows_dropped:
-            reasons = sorted(self.rows_dropped.items(), key=lambda kv: (-kv[1], kv[0]))
-            lines.append("dropped: " + ", ".join(f"{n:,} {reason}" for reason, n in reasons))
-        lines.append(f"tokens: {self.tokens:,} ({self.label_tokens:,} with loss)")
-        lines.append(f"truncated: {_count(self.truncated_rows, 'row')} longer than max_length, "
-                     f"{self.truncated_tokens:,} tokens cut" if self.truncated_rows else "truncated: none")
+        """The human report: a `format:` line per file first, then rows, drops, lengths."""
+        lines = [f"format: {f.description}, {f.rows:,} rows ({Path(f.path).name})" for f in self.files]
+        dropped = sum(d.count for d in self.dropped.values())
+        lines.append(f"rows: {self.rows_read:,} read, {self.rows_kept:,} kept, {dropped:,} dropped; "
+                     f"{self.train_rows:,} train / {self.eval_rows:,} eval")
+        for reason, d in sorted(self.dropped.items(), key=lambda item: -item[1].count):
+            lines.append(f"dropped: {d.count:,} {reason} (e.g. {', '.join(d.rows)})")
+        lines.append(f"tokens: {self.tokens:,} ({self.label_tokens:,} with loss); length p50 {self.length_p50:,}, "
+                     f"p95 {self.length_p95:,}, max {self.length_max:,}")
+        over = f"{self.long_rows:,} rows longer than max_length {self.max_length:,}"
+        if not self.long_rows:
+            lines.append(f"length: no row is longer than max_length {self.max_length:,}")
+        elif self.long_row_policy == "truncate":
+            lines.append(f"length: {over}: {self.truncated_rows:,} truncated, {self.truncated_tokens:,} tokens cut")
+        else:
+            lines.append(f"length: {over}: dropped")
         return lines
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+class IndexedExamples:
+    """A train or eval split: `examples[i]` -> (input_ids, labels) through the memory-mapped store."""
+
+    def __init__(self, store: ExampleStore, indices: np.ndarray):
+        self.store, self.indices = store, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.store[int(self.indices[i])]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths[self.indices]
 
 
 @dataclass
 class PreparedData:
-    train: list[Example]
-    eval: list[Example]
+    train: IndexedExamples
+    eval: IndexedExamples
     stats: DataStats
 
 
-class RowDropped(ValueError):
-    """A row that cannot become a training example; `reason` is the key it is counted under."""
+def prepare(files: list[Path], tokenizer, *, max_length: int, out_dir: Path,
+            mapping: formats.ColumnMapping | None = None, shuffle: bool = True, seed: int = 42,
+            train_test_split: float = 1.0, bad_rows: str = "drop", long_rows: str = "truncate",
+            chunk_rows: int = 2048) -> PreparedData:
+    """Read every file, encode every usable row into `out_dir`, then shuffle (seeded) and split.
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
-# ---------------------------------------------------------------------------------------- reading
-
-def _from_records(records: Any) -> pa.Table:
-    if isinstance(records, dict):
-        records = [records]
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError("expected a JSON array of objects, or one JSON object per line")
-    names = dict.fromkeys(key for record in records for key in record)  # union of keys, first-seen order
-    return pa.table({name: [record.get(name) for record in records] for name in names})
-
-
-def _json_lines(text: str) -> list[Any]:
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"line {number}: {e}") from None
-    return records
-
-
-def _read_jsonl(path: Path) -> pa.Table:
-    return _from_records(_json_lines(path.read_text(encoding="utf-8")))
-
-
-def _read_json(path: Path) -> pa.Table:
-    text = path.read_text(encoding="utf-8")
-    try:
-        return _from_records(json.loads(text))
-    except json.JSONDecodeError:  # not one JSON document: JSON lines
-        return _from_records(_json_lines(text))
-
-
-def _read_csv(path: Path) -> pa.Table:
-    table = pyarrow.csv.read_csv(path)
-    return table.cast(pa.schema([pa.field(name, pa.string()) for name in table.column_names]))  # text, not numbers
-
-
-_READERS: dict[str, Callable[[Path], pa.Table]] = {
-    ".parquet": pyarrow.parquet.read_table,
-    ".jsonl": _read_jsonl,
-    ".json": _read_json,
-    ".csv": _read_csv,
-}
-
-
-def read_table(path: Path) -> pa.Table:
-    """Read a .parquet, .jsonl, .json (array of objects or JSON lines) or .csv file into a table."""
-    path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise UserError(f"unsupported dataset file type {path.suffix or '(no extension)'!r}", where=str(path),
-                        fix="use .parquet, .jsonl, .json or .csv")
-    if not path.is_file():
-        raise UserError("dataset file not found", where=str(path))
-    try:
-        return reader(path)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        raise UserError(f"cannot read dataset file: {e}", where=str(path)) from None
-
-
-# ------------------------------------------------------------------------------- format detection
-
-def _columns(fmt: str, mapping: ColumnMapping | None) -> list[str]:
-    """The columns a format reads, after the mapping's overrides."""
-    m = mapping or ColumnMapping()
-    if fmt == MESSAGES:
-        return [m.messages_column or "messages"]
-    return [m.prompt_column or "prompt", m.completion_column or "completion"]
-
-
-def detect_format(columns: list[str], mapping: ColumnMapping | None = None) -> str:
-    """Return "messages" or "prompt-completion" for a table with these columns."""
-    seen = ", ".join(columns) or "(none)"
-    if mapping and (mapping.messages_column or mapping.prompt_column or mapping.completion_column):
-        fmt = MESSAGES if mapping.messages_column else PROMPT_COMPLETION
-        missing = [c for c in _columns(fmt, mapping) if c not in columns]
-        if missing:
-            raise UserError(f"dataset config names column(s) {', '.join(missing)} but the file has {seen}",
-                            fix="fix messages_column / context_column / response_column in DatasetConfig")
-        return fmt
-    for fmt in (MESSAGES, PROMPT_COMPLETION):
-        if all(c in columns for c in _columns(fmt, None)):
-            return fmt
-    raise UserError(f"unrecognised dataset columns: {seen}",
-                    fix="expected a 'messages' column (OpenAI chat format) or 'prompt' and 'completion' columns, "
-                        "or name the columns in DatasetConfig (messages_column, or context_column and "
-                        "response_column)")
-
-
-# ------------------------------------------------------------------------------------ rows to chats
-
-def _checked(messages: Any) -> list[dict]:
-    """Validate a list of {role, content} messages and keep only those two keys."""
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise RowDropped(MALFORMED)
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def _turns(value: Any, role: str) -> list[dict]:
-    """A prompt or completion cell: text becomes one `role` message; a list of messages is kept."""
-    if isinstance(value, list):
-        return _checked(value)
-    if value is None or isinstance(value, str):
-        return [{"role": role, "content": value or ""}]
-    raise RowDropped(MALFORMED)
-
-
-def row_to_messages(row: dict, fmt: str, mapping: ColumnMapping | None) -> list[dict]:
-    """Turn one table row into chat messages; raise RowDropped with the reason it cannot be used."""
-    columns = _columns(fmt, mapping)
-    if fmt == MESSAGES:
-        messages = _checked(row[columns[0]])
-    else:
-        messages = _turns(row[columns[0]], "user") + _turns(row[columns[1]], "assistant")
-    assistant = [m for m in messages if m["role"] == "assistant"]
-    if not assistant:
-        raise RowDropped(NO_ASSISTANT)
-    if any(not m["content"].strip() for m in assistant):
-        raise RowDropped(EMPTY_CONTENT)
-    return messages
-
-
-# ------------------------------------------------------------------------------------ tokenization
-
-def _common_prefix_len(a: str, b: str) -> int:
-    """Length of the longest common prefix (binary search over C-speed comparisons)."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        mid = (low + high + 1) // 2
-        if b.startswith(a[:mid]):
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], full: str,
-                     limit: int) -> list[tuple[int, int]]:
-    """Character spans of `full` that assistant turns produce, found by rendering prefixes.
-
-    Start: the end of the prefix rendered with a generation prompt (so the role header is outside).
-    End: the common prefix of the conversation rendered up to this turn and the full text, which
-    takes in the end-of-turn marker (and, for the last turn, anything the template appends).
-    Turns starting at or after character `limit` (cut by truncation) are not rendered.
+    `train_test_split` is the fraction that trains (Kaito: 1 = everything trains).
     """
-    def render(msgs: list[dict], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prefix = render(messages[:i], True)
-        if not full.startswith(prefix):
-            raise RowDropped(NOT_PREFIX_STABLE)
-        if len(prefix) >= limit:
-            break
-        end = len(full) if i == len(messages) - 1 else _common_prefix_len(render(messages[: i + 1], False), full)
-        spans.append((len(prefix), end))
-    return spans
-
-
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
-                          max_length: int) -> tuple[Example, int]:
-    """Tokenize a chat with its template; label assistant turns; cut to max_length.
-
-    A token carries a label when it starts inside an assistant span and does not run past its end.
-    Returns the example and how many tokens were cut. Raises RowDropped if the template rejects
-    the conversation or renders it in a way that is not prefix-stable.
-    """
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise UserError(f"{bad_rows!r} is not a bad-row policy", where="training_config.DatasetConfig.bad_rows",
+                        fix=f"use one of {', '.join(BAD_ROW_POLICIES)}")
+    if long_rows not in LONG_ROW_POLICIES:
+        raise UserError(f"{long_rows!r} is not a length policy", where="training_config.DatasetConfig.long_rows",
+                        fix=f"use one of {', '.join(LONG_ROW_POLICIES)}")
+    paths = readers.dataset_files([Path(f) for f in files])
+    detected = _detect_formats(paths, mapping)
+    encoder = Encoder(tokenizer, max_length, long_rows)
+    writer = StoreWriter(out_dir / STORE_FILE)
+    tally = _Tally(bad_rows)
     try:
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids: list[int] = encoding["input_ids"][:max_length]
-        offsets = encoding["offset_mapping"][:max_length]
-        limit = encoding["offset_mapping"][max_length][0] if len(encoding["input_ids"]) > max_length else len(full)
-        spans = _assistant_spans(tokenizer, messages, full, limit)
-    except TemplateError:
-        raise RowDropped(TEMPLATE_ERROR) from None
-    labels = []
-    k = 0
-    for token, (start, end) in zip(ids, offsets):
-        while k < len(spans) and start >= spans[k][1]:
-            k += 1
-        inside = k < len(spans) and spans[k][0] <= start and end <= spans[k][1]
-        labels.append(token if inside else IGNORE)
-    return Example(ids, labels), len(encoding["input_ids"]) - len(ids)
+        for path, fmt in detected:
+            rows_in_file = 0
+            for chunk in readers.iter_chunks(path, chunk_rows):
+                samples = []
+                for number, row in enumerate(chunk.rows, chunk.first_row):
+                    if row is None:
+                        tally.drop(path, number, chunk.bad.get(number, "unreadable row"))
+                        continue
+                    try:
+                        samples.append((number, formats.to_sample(row, fmt)))
+                    except formats.RowDropped as dropped:
+                        tally.drop(path, number, dropped.reason)
+                rows_in_file += len(chunk.rows)
+                encoded = encoder.encode(samples)
+                for number, reason in encoded.dropped:
+                    tally.drop(path, number, reason)
+                if long_rows == "error" and encoded.long_rows:
+                    number, tokens = encoded.long_rows[0]
+                    raise UserError(f"row {number} has {tokens:,} tokens, more than max_length {max_length:,}",
+                                    where=str(path), fix="raise TrainingArguments.max_length, or set "
+                                                         "DatasetConfig.long_rows to truncate or drop")
+                tally.add(encoded)
+                writer.write(encoded.ids, encoded.mask, encoded.lengths)
+            tally.files.append(FileReport(str(path), fmt.name, fmt.description, rows_in_file))
+    finally:
+        writer.close()
+    store = ExampleStore(out_dir / STORE_FILE)
+    order = np.random.default_rng(seed).permutation(len(store)) if shuffle else np.arange(len(store))
+    n_train = _train_count(len(store), train_test_split)
+    train, evaluation = IndexedExamples(store, order[:n_train]), IndexedExamples(store, order[n_train:])
+    return PreparedData(train, evaluation, tally.stats(max_length, long_rows, len(train), len(evaluation)))
 
 
-# ---------------------------------------------------------------------------------------- prepare
+def _detect_formats(paths: list[Path], mapping) -> list[tuple[Path, formats.Format]]:
+    detected = []
+    for path in paths:
+        fmt = formats.detect_format(readers.file_columns(path), mapping, where=str(path))
+        if detected and fmt.name != detected[0][1].name:
+            first = detected[0]
+            raise UserError(f"{path.name} is in {fmt.name} format but {first[0].name} is in {first[1].name} format",
+                            where=str(path), fix="give one workspace files of a single format")
+        detected.append((path, fmt))
+    return detected
+
 
 def _train_count(n: int, train_fraction: float) -> int:
-    """Rows for training: all when the fraction is 1, else rounded and leaving at least one each side."""
+    """Rows that train: all at 1, else rounded, leaving at least one row on each side."""
     if train_fraction >= 1 or n < 2:
         return n
     return min(n - 1, max(1, round(n * train_fraction)))
 
 
-def prepare(files: list[Path], tokenizer: PreTrainedTokenizerBase, *, max_length: int,
-            mapping: ColumnMapping | None = None, shuffle: bool = True, seed: int = 42,
-            train_test_split: float = 1.0) -> PreparedData:
-    """Read every file, tokenize every usable row, shuffle (seeded) and split train/eval.
+class _Tally:
+    """Running counts while the files stream through."""
 
-    `train_test_split` is the train fraction (Kaito: 1 = everything trains, 0.8 = 80/20). Rows that
-    cannot be used are counted in `stats.rows_dropped`; if none are left, `train` is empty.
-    """
-    if not files:
-        raise UserError("no dataset files to read", where="tuning.input")
-    if not 0 < train_test_split <= 1:
-        raise UserError(f"train_test_split must be in (0, 1], got {train_test_split}", where="DatasetConfig",
-                        fix="use the fraction of rows that train, e.g. 0.9 (1 keeps no eval split)")
-    if max_length < 1:
-        raise UserError(f"max_length must be at least 1, got {max_length}")
-    reports: list[FileReport] = []
-    examples: list[Example] = []
-    dropped: Counter[str] = Counter()
-    truncated_rows = truncated_tokens = 0
-    for path in map(Path, files):
-        table = read_table(path)
-        try:
-            fmt = detect_format(table.column_names, mapping)
-        except UserError as e:
-            raise UserError(str(e), where=str(path)) from None
-        if reports and fmt != reports[0].format:
-            raise UserError(f"{path} is in {fmt} format but {reports[0].path} is in {reports[0].format} format",
-                            fix="give all dataset files of one workspace the same format")
-        reports.append(FileReport(str(path), fmt, table.num_rows))
-        for row in table.select(_columns(fmt, mapping)).to_pylist():
-            try:
-                example, cut = tokenize_conversation(tokenizer, row_to_messages(row, fmt, mapping), max_length)
-            except RowDropped as e:
-                dropped[e.reason] += 1
-                continue
-            if all(label == IGNORE for label in example.labels):
-                dropped[NO_LABELS] += 1
-                continue
-            truncated_rows += int(cut > 0)
-            truncated_tokens += cut
-            examples.append(example)
+    def __init__(self, bad_rows: str):
+        self.bad_rows = bad_rows
+        self.files: list[FileReport] = []
+        self.dropped: dict[str, Dropped] = {}
+        self.lengths: list[np.ndarray] = []
+        self.kept = self.tokens = self.label_tokens = 0
+        self.long_rows = self.truncated_rows = self.truncated_tokens = 0
 
-    if shuffle:
-        examples = [examples[i] for i in np.random.default_rng(seed).permutation(len(examples))]
-    n_train = _train_count(len(examples), train_test_split)
-    train, evaluation = examples[:n_train], examples[n_train:]
-    stats = DataStats(
-        files=reports, rows_read=sum(r.rows for r in reports), rows_kept=len(examples), rows_dropped=dict(dropped),
-        tokens=sum(len(e.input_ids) for e in examples),
-        label_tokens=sum(label != IGNORE for e in examples for label in e.labels),
-        truncated_rows=truncated_rows, truncated_tokens=truncated_tokens,
-        train_rows=len(train), eval_rows=len(evaluation))
-    return PreparedData(train=train, eval=evaluation, stats=stats)
+    def drop(self, path: Path, number: int, reason: str) -> None:
+        if self.bad_rows == "error":
+            raise UserError(f"row {number}: {reason}", where=str(path),
+                            fix="fix or remove the row, or set DatasetConfig.bad_rows: drop to skip such rows")
+        entry = self.dropped.setdefault(reason, Dropped())
+        entry.count += 1
+        if len(entry.rows) < ROWS_NAMED_PER_REASON:
+            entry.rows.append(f"{path.name} row {number}")
+
+    def add(self, encoded) -> None:
+        self.kept += len(encoded.lengths)
+        self.tokens += int(encoded.lengths.sum())
+        self.label_tokens += int(encoded.mask.sum())
+        self.lengths.append(np.asarray(encoded.full_lengths, dtype=np.int32))
+        self.long_rows += len(encoded.long_rows)
+        cut = {number for number, _ in encoded.long_rows} - {number for number, _ in encoded.dropped}
+        self.truncated_rows += len(cut) if encoded.truncated_tokens else 0
+        self.truncated_tokens += encoded.truncated_tokens
+
+    def stats(self, max_length: int, long_rows: str, train_rows: int, eval_rows: int) -> DataStats:
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(1, dtype=np.int32)
+        return DataStats(
+            files=self.files, rows_read=sum(f.rows for f in self.files), rows_kept=self.kept, dropped=self.dropped,
+            tokens=self.tokens, label_tokens=self.label_tokens, max_length=max_length, long_row_policy=long_rows,
+            long_rows=self.long_rows, truncated_rows=self.truncated_rows, truncated_tokens=self.truncated_tokens,
+            length_p50=int(np.percentile(lengths, 50)), length_p95=int(np.percentile(lengths, 95)),
+            length_max=int(lengths.max()), train_rows=train_rows, eval_rows=eval_rows)

@@ -11,9 +11,9 @@ from urllib.parse import unquote, urlsplit
 
 from tuner import events
 from tuner.errors import UserError
+from tuner.readers import COMPRESSIONS, SUPPORTED_SUFFIXES, dataset_files
 from tuner.spec import DataSource
 
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 _CHUNK = 1 << 20
 _TIMEOUT = (10, 60)  # connect, read (seconds)
 
@@ -46,17 +46,11 @@ def _volume_files(volume: dict, base_dir: Path) -> list[InputFile]:
                         where="tuning.input.volumeSource",
                         fix="use hostPath: {path: DIR} (relative paths are relative to the Workspace file)")
     root = (base_dir / spec["path"]).resolve()
-    if root.is_file():
-        candidates = [root]
-    elif root.is_dir():
-        candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-    else:
-        raise UserError(f"{root} does not exist", where="tuning.input.volumeSource.hostPath.path",
-                        fix="point it at a dataset file or a folder of them")
-    if not candidates:
-        raise UserError(f"{root} holds no dataset files ({', '.join(DATA_SUFFIXES)})",
-                        where="tuning.input.volumeSource.hostPath.path")
-    return [InputFile(p, str(p), _sha256(p), p.stat().st_size) for p in candidates]
+    try:
+        files = dataset_files([root])
+    except UserError as exc:
+        raise UserError(str(exc), where="tuning.input.volumeSource.hostPath.path") from None
+    return [InputFile(p, str(p), _sha256(p), p.stat().st_size) for p in files]
 
 
 def _download(url: str, dest: Path, index: int, allow_private: bool) -> InputFile:
@@ -95,7 +89,7 @@ def _download(url: str, dest: Path, index: int, allow_private: bool) -> InputFil
 
 def _with_data_suffix(target: Path, content: Path) -> Path:
     """Name the file by its content when the URL's name carries no dataset suffix."""
-    if target.suffix.lower() in DATA_SUFFIXES:
+    if any(target.name.lower().endswith(s + c) for s in SUPPORTED_SUFFIXES for c in ("", *COMPRESSIONS)):
         return target
     with content.open("rb") as handle:
         head = handle.read(64).lstrip()

@@ -40,8 +40,12 @@ class JobPlan:
 
     @property
     def max_length(self) -> int:
-        return int(self.config.training_arguments.get("max_length")
-                   or min(DEFAULT_MAX_LENGTH, self.preset.context_length))
+        return effective_max_length(self.config, self.preset)
+
+
+def effective_max_length(config: TrainingConfig, preset: Preset) -> int:
+    """TrainingArguments.max_length, else TRL's default capped by the preset's context length."""
+    return int(config.training_arguments.get("max_length") or min(DEFAULT_MAX_LENGTH, preset.context_length))
 
 
 def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir: Path | None = None,
@@ -81,7 +85,7 @@ def _volume_output(volume: dict, base_dir: Path) -> Path:
 
 def run_job(plan: JobPlan) -> dict:
     """Run every stage; return the summary that is also written next to the adapter."""
-    from tuner import data, models, train
+    from tuner import models, train
     from tuner.oci import OciLayoutTarget, build_adapter_image, write_oci_layout
 
     tuning = plan.workspace.tuning
@@ -100,19 +104,17 @@ def run_job(plan: JobPlan) -> dict:
         model_dir = models.resolve_base_model(plan.preset, plan.config.model.get("pretrained_model_name_or_path"))
         tokenizer = train.load_tokenizer(model_dir, plan.config)
     with _stage("prepare", stages):
-        dataset = plan.config.dataset
-        prepared = data.prepare(
-            [f.path for f in inputs], tokenizer, max_length=plan.max_length, mapping=_column_mapping(dataset),
-            shuffle=bool(dataset.get("shuffle_dataset", True)), seed=int(dataset.get("shuffle_seed", 42)),
-            train_test_split=float(dataset.get("train_test_split", 1)))
+        prepared = _prepare([f.path for f in inputs], tokenizer, plan.config, plan.max_length,
+                            plan.work_dir / "prepared")
         for line in prepared.stats.log_lines():
             events.info(line)
-    if not prepared.train:
+    if not len(prepared.train):
         raise UserError("no training rows are left after preparation", where="tuning.input",
                         fix="check the dataset's format and the dropped-row reasons above")
     adapter_dir = plan.work_dir / "adapter"
     with _stage("train", stages):
-        result = train.train(model_dir, tokenizer, prepared, plan.config, plan.preset, plan.work_dir, adapter_dir)
+        result = train.train(model_dir, tokenizer, prepared, plan.config, plan.preset, plan.work_dir, adapter_dir,
+                             plan.max_length)
 
     summary = _summary(plan, inputs, prepared.stats, result, stages, started)
     (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -135,14 +137,32 @@ def run_job(plan: JobPlan) -> dict:
     return summary
 
 
-def _column_mapping(dataset: dict):
-    from tuner.data import ColumnMapping
+def check_data(files: list[Path], *, preset_name: str, tokenizer_dir: Path | None = None,
+               config_path: Path | None = None, max_length: int | None = None) -> list[str]:
+    """`tuner check-data`: prepare the files into a scratch folder and return the report lines."""
+    import tempfile
 
-    if dataset.get("messages_column"):
-        return ColumnMapping(messages_column=dataset["messages_column"])
-    if dataset.get("context_column") and dataset.get("response_column"):
-        return ColumnMapping(prompt_column=dataset["context_column"], completion_column=dataset["response_column"])
-    return None
+    from tuner import models, train
+
+    preset = get_preset(preset_name)
+    config = build_config("lora", load_config_file(config_path) if config_path else None)
+    tokenizer = train.load_tokenizer(tokenizer_dir or models.resolve_base_model(preset), config)
+    length = max_length or effective_max_length(config, preset)
+    with tempfile.TemporaryDirectory(prefix="tuner-check-") as scratch:
+        return _prepare(files, tokenizer, config, length, Path(scratch)).stats.log_lines()
+
+
+def _prepare(files: list[Path], tokenizer, config: TrainingConfig, max_length: int, out_dir: Path):
+    """Run data preparation with the DatasetConfig's mapping, shuffle, split and row policies."""
+    from tuner import data
+    from tuner.formats import ColumnMapping
+
+    dataset = config.dataset
+    return data.prepare(
+        files, tokenizer, max_length=max_length, out_dir=out_dir, mapping=ColumnMapping.from_dataset_config(dataset),
+        shuffle=bool(dataset.get("shuffle_dataset", True)), seed=int(dataset.get("shuffle_seed", 42)),
+        train_test_split=float(dataset.get("train_test_split", 1)),
+        bad_rows=dataset.get("bad_rows", "drop"), long_rows=dataset.get("long_rows", "truncate"))
 
 
 def _summary(plan: JobPlan, inputs: list[InputFile], stats, result, stages: dict[str, float], started: str) -> dict:

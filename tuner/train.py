@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           TrainerCallback, TrainingArguments)
 
 from tuner import events
-from tuner.data import Example, PreparedData
+from tuner.data import IndexedExamples, PreparedData
+from tuner.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
 from tuner.errors import UserError
 from tuner.precision import Precision, choose_precision
 from tuner.presets import Preset
@@ -62,7 +64,7 @@ def load_tokenizer(model_dir: Path, config: TrainingConfig):
 
 
 def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
-          work_dir: Path, adapter_dir: Path) -> TrainResult:
+          work_dir: Path, adapter_dir: Path, max_length: int) -> TrainResult:
     """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`."""
     precision = choose_precision(config.model.get("torch_dtype"))
     if precision.reason:
@@ -70,19 +72,17 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     model = load_base_model(model_dir, config, precision)
     model = _add_lora(model, config, preset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    args = _training_arguments(config, precision, work_dir / "checkpoints", has_eval=bool(data.eval))
+    train_set, eval_set, collator = _datasets(data, config, tokenizer, max_length)
+    args = _training_arguments(config, precision, work_dir / "checkpoints", has_eval=eval_set is not None,
+                               packed=isinstance(collator, PackingCollator))
     progress = _ProgressLog()
-    trainer = Trainer(
-        model=model, args=args, train_dataset=ExampleDataset(data.train),
-        eval_dataset=ExampleDataset(data.eval) if data.eval else None,
-        data_collator=PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of")),
-        callbacks=[progress],
-    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=collator, callbacks=[progress])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _ProgressLog writes the lines
     started = time.monotonic()
     output = trainer.train()
     seconds = time.monotonic() - started
-    eval_loss = trainer.evaluate()["eval_loss"] if data.eval else None
+    eval_loss = trainer.evaluate()["eval_loss"] if len(data.eval) else None
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
@@ -94,6 +94,27 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
         tokens_seen=int(state.num_input_tokens_seen), seconds=seconds, precision=precision.name,
         trainable_parameters=trainable, log_history=list(state.log_history),
     )
+
+
+def _datasets(data: PreparedData, config: TrainingConfig, tokenizer, max_length: int):
+    """Train/eval datasets and their collator: packed (padding-free) when asked or when it helps."""
+    requested = config.training_arguments.get("packing")
+    lengths = data.train.lengths
+    packing = should_pack(lengths, max_length) if requested is None else bool(requested)
+    if not packing:
+        events.info(f"packing: off ({'as configured' if requested is not None else 'would not save enough rows'}); "
+                    f"rows are padded to the longest in each batch")
+        collator = PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of"))
+        return ExampleDataset(data.train), (ExampleDataset(data.eval) if len(data.eval) else None), collator
+
+    def packed(split: IndexedExamples) -> PackedDataset:
+        return PackedDataset(split, pack_best_fit(split.lengths, max_length))
+
+    train_set = packed(data.train)
+    efficiency = packing_efficiency(lengths, train_set.bins, max_length)
+    events.info(f"packing: {len(data.train):,} rows into {len(train_set):,} blocks of up to {max_length:,} tokens "
+                f"({efficiency:.0%} full); each sample attends only to itself")
+    return train_set, (packed(data.eval) if len(data.eval) else None), PackingCollator()
 
 
 def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precision):
@@ -131,11 +152,13 @@ def _add_lora(model, config: TrainingConfig, preset: Preset):
                         fix=f"this preset's modules are {', '.join(preset.lora_target_modules)}") from None
 
 
-def _training_arguments(config: TrainingConfig, precision: Precision, output_dir: Path, has_eval: bool):
-    args = {k: v for k, v in config.training_arguments.items() if k != "max_length"}
+def _training_arguments(config: TrainingConfig, precision: Precision, output_dir: Path, has_eval: bool,
+                        packed: bool):
+    args = {k: v for k, v in config.training_arguments.items() if k not in ("max_length", "packing")}
     args.update(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding", use_cpu=precision.device == "cpu",
+        # packed rows have no padding (and no attention mask to find it by)
+        include_num_input_tokens_seen="all" if packed else "non_padding", use_cpu=precision.device == "cpu",
         bf16=precision.mixed_bf16, fp16=precision.mixed_fp16,
     )
     args.setdefault("logging_steps", DEFAULT_LOGGING_STEPS)
@@ -149,17 +172,17 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
 
 
 class ExampleDataset:
-    """A map-style dataset over prepared examples."""
+    """A map-style dataset over prepared examples, one row per example (padded by PadCollator)."""
 
-    def __init__(self, examples: list[Example]):
+    def __init__(self, examples: Sequence[tuple[list[int], list[int]]]):
         self.examples = examples
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        example = self.examples[index]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        input_ids, labels = self.examples[index]
+        return {"input_ids": input_ids, "labels": labels}
 
 
 class PadCollator:

@@ -55,11 +55,13 @@ _MODEL_KEYS = {
 _DATASET_KEYS = {
     "dataset_path", "dataset_extension", "shuffle_dataset", "shuffle_seed", "context_column",
     "response_column", "messages_column", "train_test_split",
+    # tuner's own: explicit format and columns, and what to do with bad and long rows
+    "format", "columns", "bad_rows", "long_rows",
 }
 _COLLATOR_KEYS = {"mlm", "mlm_probability", "pad_to_multiple_of", "return_tensors"}
 _TOKENIZER_KEYS = {"padding", "truncation", "max_length"}
 # SFTConfig keys that are not TrainingArguments keys and that tuner applies itself.
-_SFT_KEYS_APPLIED = {"max_length"}
+_SFT_KEYS_APPLIED = {"max_length", "packing"}
 _SFT_ALIASES = {"max_seq_length": "max_length"}
 _DTYPES = {"bfloat16", "float16", "float32", "auto"}
 
