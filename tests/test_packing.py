@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tuner.packing import (IGNORE, PackedDataset, PackingCollator, pack_best_fit, packing_efficiency,
-                           should_pack)
+                           padded_tokens, should_pack)
 from tuner.presets import get_preset
 
 # (prompt, answer): an answer trains on its tokens only (chat-like); None trains on every token (plain text)
@@ -36,21 +36,27 @@ def examples(tokenizer) -> list[tuple[list[int], list[int]]]:
 
 
 def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Per-target cross-entropy (float64) of one row, labels shifted as the causal-LM loss shifts them."""
+    """Per-target cross-entropy (float64) of each row in turn, labels shifted as the causal-LM loss shifts them."""
+    input_ids, labels = input_ids.reshape(-1, input_ids.shape[-1]), labels.reshape(-1, labels.shape[-1])
     with torch.no_grad():
-        logits = model(input_ids=input_ids.reshape(1, -1), **kwargs).logits[0].double()
-    targets = labels.reshape(-1)[1:]
-    keep = targets != IGNORE
-    return F.cross_entropy(logits[:-1][keep], targets[keep], reduction="none")
+        logits = model(input_ids=input_ids, **kwargs).logits.double()
+    losses = []
+    for row_logits, row_labels in zip(logits, labels):
+        targets = row_labels[1:]
+        keep = targets != IGNORE
+        losses.append(F.cross_entropy(row_logits[:-1][keep], targets[keep], reduction="none"))
+    return torch.cat(losses)
 
 
-def separate_and_packed(model, tokenizer, **packed_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def separate_and_packed(model, tokenizer, all_ones_mask: bool = False, **packed_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-target losses of every sample run alone, and of the same samples as one packed row."""
     data = examples(tokenizer)
     separate = torch.cat([token_losses(model, torch.tensor(ids), torch.tensor(labels)) for ids, labels in data])
-    # two bins, collated into one row, as training would see them
+    # two bins of different lengths, collated into one batch, as training would see them
     rows = PackedDataset(data, [np.array([0, 1, 2]), np.array([3, 4, 5])])
     batch = PackingCollator()([rows[0], rows[1]])
+    if all_ones_mask:
+        packed_kwargs["attention_mask"] = torch.ones_like(batch["input_ids"])
     packed = token_losses(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
                           **packed_kwargs)
     return separate, packed
@@ -98,10 +104,7 @@ def test_packed_row_loss_equals_sum_of_separate_losses(model, tokenizer):
 @pytest.mark.parametrize("leak", ["attention_mask", "use_cache"])
 def test_mask_or_cache_lets_packed_samples_see_each_other(model, tokenizer, leak):
     """Negative control: with a 2D mask or a KV cache transformers falls back to one causal mask over the row."""
-    kwargs = {"use_cache": True} if leak == "use_cache" else {}
-    if leak == "attention_mask":
-        total = sum(len(ids) for ids, _ in examples(tokenizer))
-        kwargs["attention_mask"] = torch.ones(1, total, dtype=torch.long)
+    kwargs = {"use_cache": True} if leak == "use_cache" else {"all_ones_mask": True}
     separate, packed = separate_and_packed(model, tokenizer, **kwargs)
     assert abs(packed.sum().item() - separate.sum().item()) > 1.0
 
@@ -127,10 +130,11 @@ def test_packed_row_restarts_positions_and_ignores_first_labels():
     row = PackedDataset(data, [np.array([0, 1, 2])])[0]
     assert row == {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [IGNORE, 12, 13, IGNORE, 15, IGNORE],
                    "position_ids": [0, 1, 2, 0, 1, 0]}
-    batch = PackingCollator()([row, PackedDataset(data, [np.array([1])])[0]])
+    batch = PackingCollator(pad_id=99)([row, PackedDataset(data, [np.array([1])])[0]])
     assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
-    assert batch["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 15, IGNORE, IGNORE, 15]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [4, 5, 99, 99, 99, 99]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]]  # padding: its own segment
+    assert batch["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 15, IGNORE], [IGNORE, 15] + [IGNORE] * 4]
 
 
 def test_best_fit_exact_bins():
@@ -151,14 +155,19 @@ def test_rejects_lengths_outside_one_to_max():
     assert pack_best_fit(np.array([], dtype=np.int64), 8) == []
 
 
-def test_should_pack_only_when_it_cuts_rows():
-    assert should_pack(np.full(100, 10), 1024)
-    assert not should_pack(np.full(100, 1024), 1024)  # already full rows
-    assert not should_pack(np.full(100, 600), 1024)  # no two fit together
-    assert not should_pack(np.array([], dtype=np.int64), 1024)
-    # 4 rows -> 3 bins is exactly the 25% cut; 5 rows -> 4 bins is only 20%
-    assert should_pack(np.array([600, 600, 600, 400]), 1024)
-    assert not should_pack(np.array([600, 600, 600, 600, 400]), 1024)
+def test_should_pack_only_when_it_cuts_computed_tokens():
+    varied = np.random.default_rng(0).integers(10, 500, 1000)
+    assert should_pack(varied, 1024, batch_size=4)  # padding to each batch's longest wastes ~40%
+    assert not should_pack(varied, 1024, batch_size=1)  # nothing is padded at batch size 1
+    assert not should_pack(np.full(100, 67), 256, batch_size=4)  # equal rows: no padding to save
+    assert not should_pack(np.full(100, 1024), 1024, batch_size=4)  # already full rows
+    assert not should_pack(np.array([], dtype=np.int64), 1024, batch_size=4)
+
+
+def test_padded_tokens_pads_each_batch_to_its_longest():
+    assert padded_tokens(np.array([5, 5, 5]), batch_size=3) == 15
+    assert padded_tokens(np.array([1, 9]), batch_size=2) == 18
+    assert padded_tokens(np.array([1, 9, 4]), batch_size=1) == 14
 
 
 def test_million_lengths_pack_tightly_and_deterministically():

@@ -1,4 +1,4 @@
-"""Padding-free sequence packing: best-fit bins of examples, trained as one row that keeps samples apart.
+"""Sequence packing: best-fit bins of examples, each trained as one row that keeps its samples apart.
 
 Samples packed into one row stay independent only because transformers builds a block-diagonal causal
 mask from `position_ids` that restart at 0 for each sample. In transformers 5.24 that happens in
@@ -6,8 +6,9 @@ mask from `position_ids` that restart at 0 for each sample. In transformers 5.24
 only when `attention_mask is None and cache is None`, and `create_causal_mask` then ANDs the causal mask with
 `packed_sequence_mask_function` (sdpa and eager alike). So a packed batch must carry NO 2D attention mask and the
 model must run with `use_cache=False` (a `DynamicCache` is made when `use_cache` is true): otherwise the samples
-of a row silently attend to each other. flash_attention_2 detects packing from position_ids only in a batch of
-ONE row (`modeling_flash_attention_utils._is_packed_sequence`); sdpa/eager take any shape: so one row per batch.
+of a row silently attend to each other. sdpa and eager find the segments of every row of a batch;
+flash_attention_2 detects packing from position_ids only in a batch of ONE row
+(`modeling_flash_attention_utils._is_packed_sequence`), so tuner keeps sdpa/eager when packing.
 
 Loss normalisation is unchanged: the causal-LM loss and the Trainer's `num_items_in_batch` both count the targets
 `labels[..., 1:] != -100`; masking each sample's first label removes exactly the one cross-sample prediction per
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 IGNORE = -100
-MIN_ROW_CUT = 0.25  # should_pack: pack when it removes at least this share of the rows (forward passes)
+MIN_TOKEN_CUT = 0.2  # should_pack: pack when it removes at least this share of the computed tokens
 
 
 class ExampleStore(Protocol):
@@ -79,14 +80,26 @@ def packing_efficiency(lengths: np.ndarray, bins: Sequence[np.ndarray], max_leng
     return filled / (len(bins) * max_length)
 
 
-def should_pack(lengths: np.ndarray, max_length: int) -> bool:
-    """Pack when best-fit packing cuts the number of rows (forward passes) by at least MIN_ROW_CUT (25%).
+def should_pack(lengths: np.ndarray, max_length: int, batch_size: int, seed: int = 0) -> bool:
+    """Pack when it cuts the tokens the model computes (padding included) by at least MIN_TOKEN_CUT.
 
-    Packing costs nothing in loss (see the module docstring), so the only question is whether it saves
-    work: rows near `max_length` (or ones too long to pair up) leave nothing to gain.
+    Packing costs nothing in loss (see the module docstring), so the only question is whether it
+    saves work. Unpacked, every batch is padded to its longest row; packed, bins are nearly full.
+    Both are costed over the same seeded random batching: rows of similar lengths, rows near
+    `max_length`, or a batch size of 1 leave little padding to save, and packing stays off.
     """
-    rows = len(lengths)
-    return rows > 0 and len(pack_best_fit(lengths, max_length)) <= (1 - MIN_ROW_CUT) * rows
+    if not len(lengths):
+        return False
+    bins = pack_best_fit(lengths, max_length)
+    bin_lengths = np.array([int(lengths[b].sum()) for b in bins])
+    return padded_tokens(bin_lengths, batch_size, seed) <= (1 - MIN_TOKEN_CUT) * padded_tokens(lengths, batch_size, seed)
+
+
+def padded_tokens(lengths: np.ndarray, batch_size: int, seed: int = 0) -> int:
+    """Tokens computed when rows in a seeded random order are batched and padded to each batch's longest."""
+    shuffled = np.random.default_rng(seed).permutation(np.asarray(lengths))
+    padded = np.pad(shuffled, (0, -len(shuffled) % batch_size)).reshape(-1, batch_size)
+    return int((padded.max(axis=1) * batch_size).sum())
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -114,8 +127,19 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 class PackingCollator:
-    """Concatenates a batch of packed rows into ONE padding-free row, with no attention_mask (see module doc)."""
+    """Stacks packed rows into a batch without an attention mask (see the module docstring).
+
+    Shorter rows are filled up to the longest with pad tokens that form a segment of their own
+    (positions restarting at 0, no loss), so no real token can attend to them and each row's
+    attention stays within that row: cost grows with the batch, not with its square.
+    """
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
 
     def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        return {key: torch.tensor([[value for row in batch for value in row[key]]])
-                for key in ("input_ids", "labels", "position_ids")}
+        width = max(len(row["input_ids"]) for row in batch)
+        fill = {"input_ids": lambda n: [self.pad_id] * n, "labels": lambda n: [IGNORE] * n,
+                "position_ids": lambda n: list(range(n))}
+        return {key: torch.tensor([row[key] + make(width - len(row[key])) for row in batch])
+                for key, make in fill.items()}

@@ -100,9 +100,10 @@ def _datasets(data: PreparedData, config: TrainingConfig, tokenizer, max_length:
     """Train/eval datasets and their collator: packed (padding-free) when asked or when it helps."""
     requested = config.training_arguments.get("packing")
     lengths = data.train.lengths
-    packing = should_pack(lengths, max_length) if requested is None else bool(requested)
+    batch_size = int(config.training_arguments.get("per_device_train_batch_size", 8))
+    packing = should_pack(lengths, max_length, batch_size) if requested is None else bool(requested)
     if not packing:
-        events.info(f"packing: off ({'as configured' if requested is not None else 'would not save enough rows'}); "
+        events.info(f"packing: off ({'as configured' if requested is not None else 'it would save little padding'}); "
                     f"rows are padded to the longest in each batch")
         collator = PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of"))
         return ExampleDataset(data.train), (ExampleDataset(data.eval) if len(data.eval) else None), collator
@@ -114,7 +115,7 @@ def _datasets(data: PreparedData, config: TrainingConfig, tokenizer, max_length:
     efficiency = packing_efficiency(lengths, train_set.bins, max_length)
     events.info(f"packing: {len(data.train):,} rows into {len(train_set):,} blocks of up to {max_length:,} tokens "
                 f"({efficiency:.0%} full); each sample attends only to itself")
-    return train_set, (packed(data.eval) if len(data.eval) else None), PackingCollator()
+    return train_set, (packed(data.eval) if len(data.eval) else None), PackingCollator(tokenizer.pad_token_id)
 
 
 def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precision):
