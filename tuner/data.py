@@ -61,7 +61,7 @@ class DataStats:
 
     def log_lines(self) -> list[str]:
         """The human report: a `format:` line per file first, then rows, drops, lengths."""
-        lines = [f"format: {f.description}, {f.rows:,} rows ({Path(f.path).name})" for f in self.files]
+        lines = [f"format: {f.description}, {_rows(f.rows)} ({Path(f.path).name})" for f in self.files]
         dropped = sum(d.count for d in self.dropped.values())
         lines.append(f"rows: {self.rows_read:,} read, {self.rows_kept:,} kept, {dropped:,} dropped; "
                      f"{self.train_rows:,} train / {self.eval_rows:,} eval")
@@ -77,6 +77,10 @@ class DataStats:
         else:
             lines.append(f"length: {over}: dropped")
         return lines
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" + ("" if n == 1 else "s")
 
 
 class IndexedExamples:
