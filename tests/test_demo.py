@@ -29,7 +29,8 @@ def demo_run(tmp_path_factory, smollm2_dir) -> tuple[Path, str]:
 def test_demo_log_is_plain_lines(demo_run):
     _, log = demo_run
     assert "\r" not in log and "\x1b[" not in log
-    assert "format: messages (identity.jsonl, 20 rows)" in log
+    assert "format: messages (messages), 20 rows (identity.jsonl)" in log
+    assert "packing: off" in log  # rows of equal length: nothing to gain
     assert "step 40/40 (100%)" in log
 
 
