@@ -10,6 +10,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
+# The real datasets in ../shared/data, one per format tuner detects (folder = format).
+SHARED_DATASETS = {
+    "messages": "messages/chitchat-messages.parquet",
+    "dolly": "dolly/chitchat-dolly.parquet",
+    "prompt-completion": "prompt-completion/chatterbot-prompt-completion.parquet",
+    "alpaca": "alpaca/llamafactory-alpaca_en_demo.json",
+    "sharegpt": "sharegpt/llamafactory-glaive_toolcall_en_demo.json",
+    "text": "text/llamafactory-c4_demo.jsonl",
+}
+
 # Hub downloads cannot work here; models are built locally or converted from the shipped GGUF.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

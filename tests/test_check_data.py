@@ -6,22 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATASETS
 from tuner import cli
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FILES = {
-    "messages": "messages/chitchat-messages.parquet",
-    "dolly": "dolly/chitchat-dolly.parquet",
-    "prompt-completion": "prompt-completion/chatterbot-prompt-completion.parquet",
-    "alpaca": "alpaca/llamafactory-alpaca_en_demo.json",
-    "sharegpt": "sharegpt/llamafactory-glaive_toolcall_en_demo.json",
-    "text": "text/llamafactory-c4_demo.jsonl",
-}
 
 
-@pytest.mark.parametrize("name", list(FILES))
+@pytest.mark.parametrize("name", list(SHARED_DATASETS))
 def test_check_data_reports_format_first_then_rows_and_lengths(name, capsys, smollm2_dir):
-    assert cli.main(["check-data", str(DATA / FILES[name]), "--max-length", "256"]) == 0
+    assert cli.main(["check-data", str(DATA / SHARED_DATASETS[name]), "--max-length", "256"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"format: {name} (")
     assert any(line.startswith("rows: ") and " kept, " in line for line in lines)
@@ -31,7 +24,7 @@ def test_check_data_reports_format_first_then_rows_and_lengths(name, capsys, smo
 
 def test_check_data_with_the_phi3_tokenizer_folder(capsys, shared_dir):
     tokenizer = shared_dir / "tokenizers" / "phi-3-mini-4k-instruct"
-    code = cli.main(["check-data", str(DATA / FILES["dolly"]), "--tokenizer", str(tokenizer), "--max-length", "64"])
+    code = cli.main(["check-data", str(DATA / SHARED_DATASETS["dolly"]), "--tokenizer", str(tokenizer), "--max-length", "64"])
     assert code == 0
     out = capsys.readouterr().out
     assert out.startswith("format: dolly (instruction, context, response), 1,500 rows")

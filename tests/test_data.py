@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import SHARED_DATASETS
 from tuner import formats
 from tuner.chat_render import ChatRenderer
 from tuner.data import prepare
@@ -48,14 +49,6 @@ MULTI_TURN = [
     {"role": "user", "content": "2+2?"},
     {"role": "assistant", "content": "four"},
 ]
-SHARED_FILES = {
-    "messages": "messages/chitchat-messages.parquet",
-    "dolly": "dolly/chitchat-dolly.parquet",
-    "prompt-completion": "prompt-completion/chatterbot-prompt-completion.parquet",
-    "alpaca": "alpaca/llamafactory-alpaca_en_demo.json",
-    "sharegpt": "sharegpt/llamafactory-glaive_toolcall_en_demo.json",
-    "text": "text/llamafactory-c4_demo.jsonl",
-}
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +198,9 @@ def test_split_is_seeded_and_sized(smol, tmp_path):
     assert sorted(map(tuple, first[0] + first[1])) == sorted(map(tuple, other[0] + other[1]))
 
 
-@pytest.mark.parametrize("name", list(SHARED_FILES))
+@pytest.mark.parametrize("name", list(SHARED_DATASETS))
 def test_every_shared_dataset_prepares(smol, tmp_path, name):
-    stats = prepare([DATA / SHARED_FILES[name]], smol, max_length=512, out_dir=tmp_path / "o").stats
+    stats = prepare([DATA / SHARED_DATASETS[name]], smol, max_length=512, out_dir=tmp_path / "o").stats
     assert stats.files[0].format == name
     assert stats.rows_kept > 0.9 * stats.rows_read
     assert stats.log_lines()[0].startswith(f"format: {name} (")
