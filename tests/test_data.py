@@ -204,3 +204,16 @@ def test_every_shared_dataset_prepares(smol, tmp_path, name):
     assert stats.files[0].format == name
     assert stats.rows_kept > 0.9 * stats.rows_read
     assert stats.log_lines()[0].startswith(f"format: {name} (")
+
+
+@pytest.mark.parametrize("tokenizer_name", ["phi3", "smol"])
+def test_direct_template_rendering_equals_apply_chat_template(request, tokenizer_name):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    renderer = ChatRenderer(tokenizer)
+    assert renderer._compiled is not None  # the fast, direct path is in use for these templates
+    rows = pq.read_table(DATA / "messages" / "chitchat-messages.parquet").to_pylist()[:40]
+    for row in rows:
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]][:9]
+        for generation_prompt in (False, True):
+            assert renderer._apply(messages, generation_prompt) == tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt)
