@@ -154,7 +154,7 @@ def test_truncate_policy_cuts_and_counts(smol, tmp_path):
     prepared = prepare([long_rows(tmp_path)], smol, max_length=64, out_dir=tmp_path / "o", shuffle=False)
     stats = prepared.stats
     assert stats.long_rows == 2 and stats.truncated_rows == 1
-    assert stats.dropped[f"no tokens with loss after truncation"].rows == ["long.jsonl row 2"]
+    assert stats.dropped["no tokens with loss after truncation"].rows == ["long.jsonl row 2"]
     assert stats.truncated_tokens == stats.length_max - 64
     assert prepared.train.lengths.tolist()[1] == 64
 
