@@ -89,3 +89,17 @@ def test_progress_line_per_logging_step(tiny_model_dir, tmp_path, capsys):
     assert len(lines) >= 6  # the first step, then every 4 of 24
     assert "step 24/24 (100%)" in lines[-1]
     assert all(" tok/s " in line and " | lr " in line for line in lines)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_eval_split_is_evaluated_packed_or_not(tiny_model_dir, tmp_path, packing):
+    config = build_config("lora", {"TrainingArguments": {**FAST["TrainingArguments"], "max_steps": 4,
+                                                         "packing": packing}})
+    tokenizer = train.load_tokenizer(tiny_model_dir, config)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    data_split = data.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared", train_test_split=0.5)
+    assert (len(data_split.train), len(data_split.eval)) == (2, 2)
+    result = train.train(tiny_model_dir, tokenizer, data_split, config, get_preset("smollm2-135m-instruct"),
+                         tmp_path / "work", tmp_path / "adapter", max_length=128)
+    assert result.eval_loss is not None and 0 < result.eval_loss < 20
