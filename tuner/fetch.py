@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 from tuner import events
 from tuner.errors import UserError
 from tuner.readers import COMPRESSIONS, SUPPORTED_SUFFIXES, dataset_files
-from tuner.spec import DataSource
+from tuner.spec import DataSource, local_host_path
 
 _CHUNK = 1 << 20
 _TIMEOUT = (10, 60)  # connect, read (seconds)
@@ -40,12 +40,7 @@ def fetch_inputs(source: DataSource, dest: Path, *, base_dir: Path, allow_privat
 
 
 def _volume_files(volume: dict, base_dir: Path) -> list[InputFile]:
-    kind, spec = next(iter(volume.items()))
-    if kind != "hostPath" or not isinstance(spec, dict) or "path" not in spec:
-        raise UserError(f"a local run reads only hostPath volumes, not {kind}",
-                        where="tuning.input.volumeSource",
-                        fix="use hostPath: {path: DIR} (relative paths are relative to the Workspace file)")
-    root = (base_dir / spec["path"]).resolve()
+    root = local_host_path(volume, base_dir, "tuning.input.volumeSource")
     try:
         files = dataset_files([root])
     except UserError as exc:

@@ -16,7 +16,7 @@ from tuner import __version__, events
 from tuner.errors import UserError
 from tuner.fetch import InputFile, fetch_inputs
 from tuner.presets import Preset, get_preset
-from tuner.spec import Workspace, load_workspace
+from tuner.spec import Workspace, load_workspace, local_host_path
 from tuner.training_config import TrainingConfig, build_config, load_config_file
 
 if TYPE_CHECKING:
@@ -66,21 +66,13 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
         except UserError as exc:
             raise UserError(str(exc), where="--output" if output else "tuning.output.image") from None
     else:
-        target = _volume_output(tuning.output.volume_source, workspace_path.parent)
+        target = local_host_path(tuning.output.volume_source, workspace_path.parent, "tuning.output.volumeSource")
     if isinstance(target, RegistryTarget):
         raise UserError(f"pushing to a registry ({target.reference}) is not available in this version",
                         where="--output" if output else "tuning.output.image",
                         fix="write an OCI layout with --output oci:DIR:TAG and copy it with skopeo")
     return JobPlan(workspace, workspace_path, preset, config, target,
                    work_dir or Path("tuner-work") / workspace.metadata.name, allow_private_urls)
-
-
-def _volume_output(volume: dict, base_dir: Path) -> Path:
-    kind, spec = next(iter(volume.items()))
-    if kind != "hostPath" or not isinstance(spec, dict) or "path" not in spec:
-        raise UserError(f"a local run writes only to hostPath volumes, not {kind}",
-                        where="tuning.output.volumeSource", fix="use hostPath: {path: DIR} or --output oci:DIR:TAG")
-    return (base_dir / spec["path"]).resolve()
 
 
 def run_job(plan: JobPlan) -> dict:

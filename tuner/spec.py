@@ -147,6 +147,15 @@ def check_url(url: str, allow_private: bool, where: str) -> None:
         raise UserError(f"{url!r} points at a private, loopback or link-local address", where=where, fix=fix)
 
 
+def local_host_path(volume: dict[str, Any], base_dir: Path, where: str) -> Path:
+    """The folder a `volumeSource` names for a local run: only hostPath, relative to `base_dir`."""
+    kind, spec = next(iter(volume.items()))
+    if kind != "hostPath" or not isinstance(spec, dict) or "path" not in spec:
+        raise UserError(f"a local run uses only hostPath volumes, not {kind}", where=where,
+                        fix="use hostPath: {path: DIR} (relative paths are relative to the Workspace file)")
+    return (base_dir / spec["path"]).resolve()
+
+
 def load_workspace(path: Path, *, allow_private_urls: bool = False) -> Workspace:
     """Read and validate a Workspace YAML file; every problem is a UserError naming the field."""
     document = load_yaml_file(path, "Workspace")
