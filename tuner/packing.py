@@ -80,17 +80,19 @@ def packing_efficiency(lengths: np.ndarray, bins: Sequence[np.ndarray], max_leng
     return filled / (len(bins) * max_length)
 
 
-def should_pack(lengths: np.ndarray, max_length: int, batch_size: int, seed: int = 0) -> bool:
+def should_pack(lengths: np.ndarray, max_length: int, batch_size: int, seed: int = 0,
+                bins: list[np.ndarray] | None = None) -> bool:
     """Pack when it cuts the tokens the model computes (padding included) by at least MIN_TOKEN_CUT.
 
     Packing costs nothing in loss (see the module docstring), so the only question is whether it
     saves work. Unpacked, every batch is padded to its longest row; packed, bins are nearly full.
     Both are costed over the same seeded random batching: rows of similar lengths, rows near
     `max_length`, or a batch size of 1 leave little padding to save, and packing stays off.
+    `bins` saves packing again when the caller already has `pack_best_fit(lengths, max_length)`.
     """
     if not len(lengths):
         return False
-    bins = pack_best_fit(lengths, max_length)
+    bins = pack_best_fit(lengths, max_length) if bins is None else bins
     bin_lengths = np.array([int(lengths[b].sum()) for b in bins])
     return padded_tokens(bin_lengths, batch_size, seed) <= (1 - MIN_TOKEN_CUT) * padded_tokens(lengths, batch_size, seed)
 

@@ -15,7 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           TrainerCallback, TrainingArguments)
 
 from tuner import events
-from tuner.data import IndexedExamples, PreparedData
+from tuner.data import PreparedData
 from tuner.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
 from tuner.errors import UserError
 from tuner.precision import Precision, choose_precision
@@ -100,22 +100,21 @@ def _datasets(data: PreparedData, config: TrainingConfig, tokenizer, max_length:
     """Train/eval datasets and their collator: packed (padding-free) when asked or when it helps."""
     requested = config.training_arguments.get("packing")
     lengths = data.train.lengths
+    bins = pack_best_fit(lengths, max_length) if requested is not False else []
     batch_size = int(config.training_arguments.get("per_device_train_batch_size", 8))
-    packing = should_pack(lengths, max_length, batch_size) if requested is None else bool(requested)
+    packing = should_pack(lengths, max_length, batch_size, bins=bins) if requested is None else bool(requested)
     if not packing:
         events.info(f"packing: off ({'as configured' if requested is not None else 'it would save little padding'}); "
                     f"rows are padded to the longest in each batch")
         collator = PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of"))
         return ExampleDataset(data.train), (ExampleDataset(data.eval) if len(data.eval) else None), collator
 
-    def packed(split: IndexedExamples) -> PackedDataset:
-        return PackedDataset(split, pack_best_fit(split.lengths, max_length))
-
-    train_set = packed(data.train)
-    efficiency = packing_efficiency(lengths, train_set.bins, max_length)
+    train_set = PackedDataset(data.train, bins)
+    eval_set = PackedDataset(data.eval, pack_best_fit(data.eval.lengths, max_length)) if len(data.eval) else None
+    efficiency = packing_efficiency(lengths, bins, max_length)
     events.info(f"packing: {len(data.train):,} rows into {len(train_set):,} blocks of up to {max_length:,} tokens "
                 f"({efficiency:.0%} full); each sample attends only to itself")
-    return train_set, (packed(data.eval) if len(data.eval) else None), PackingCollator(tokenizer.pad_token_id)
+    return train_set, eval_set, PackingCollator(tokenizer.pad_token_id)
 
 
 def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precision):
