@@ -12,8 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuner.errors import UserError
 from tuner.yamlio import field_path, load_yaml_file
 
-API_VERSIONS = ("kaito.sh/v1alpha1", "kaito.sh/v1beta1")
-METHODS = ("lora", "qlora")
 # Hostnames of cloud instance-metadata services: reading them from a Job leaks node credentials.
 METADATA_HOSTS = frozenset({
     "metadata.google.internal", "metadata.goog", "metadata.azure.com", "metadata",
