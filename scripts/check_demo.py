@@ -13,8 +13,9 @@ from pathlib import Path
 from tuner import events
 from tuner.generate import answer, load_chat_model
 from tuner.models import resolve_base_model
-from tuner.oci import extract_layer, parse_output_ref, read_oci_layout
+from tuner.oci import LAYER_MEDIA_TYPE, blob_path, parse_output_ref, read_oci_layout
 from tuner.presets import get_preset
+from tuner.unpack import unpack_data_dir
 
 QUESTIONS = ("Who are you?", "How often does Ferrow release?")
 
@@ -25,7 +26,7 @@ def main(layout: str) -> int:
     image = read_oci_layout(target)
     base_dir = resolve_base_model(get_preset("smollm2-135m-instruct"))
     with tempfile.TemporaryDirectory() as tmp:
-        files = extract_layer(image.layer, Path(tmp))
+        files = unpack_data_dir([(blob_path(target.path, image.layer.digest), LAYER_MEDIA_TYPE)], Path(tmp))
         print(f"image {image.manifest.digest}: {len(files)} files, layer {image.layer.size:,} bytes")
         base, tokenizer = load_chat_model(base_dir)
         before = [answer(base, tokenizer, q) for q in QUESTIONS]

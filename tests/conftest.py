@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from registry_support import FaultProxy, RegistryServer, TokenAuthProxy
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -80,3 +82,34 @@ def http_server(tmp_path_factory):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# Real OCI registries (docker-registry 2.8 with htpasswd auth) and proxies in front of them.
+
+
+@pytest.fixture(scope="session")
+def registry_tls(tmp_path_factory) -> Iterator[RegistryServer]:
+    """A registry over HTTPS (certificate from a throwaway CA, `ca_cert`), shared by the session."""
+    with RegistryServer(tmp_path_factory.mktemp("registry-tls"), tls=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def registry_plain(tmp_path_factory) -> Iterator[RegistryServer]:
+    """A registry over plain HTTP, shared by the session: use repository names of your own."""
+    with RegistryServer(tmp_path_factory.mktemp("registry-plain"), tls=False) as server:
+        yield server
+
+
+@pytest.fixture()
+def fault_proxy(registry_plain: RegistryServer) -> Iterator[FaultProxy]:
+    """A fresh fault-injecting, request-recording proxy in front of `registry_plain`."""
+    with FaultProxy(registry_plain) as proxy:
+        yield proxy
+
+
+@pytest.fixture()
+def token_proxy(registry_plain: RegistryServer) -> Iterator[TokenAuthProxy]:
+    """A fresh bearer-token proxy (Docker Hub style auth) in front of `registry_plain`."""
+    with TokenAuthProxy(registry_plain) as proxy:
+        yield proxy

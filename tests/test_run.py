@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from tuner import cli
-from tuner.oci import OciLayoutTarget, extract_layer, read_oci_layout
+from tuner.oci import LAYER_MEDIA_TYPE, OciLayoutTarget, blob_path, read_oci_layout
+from tuner.registry import RegistryOptions, pull_image
+from tuner.unpack import unpack_data_dir
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
@@ -61,6 +63,12 @@ def finished_run(tmp_path, tiny_model_dir, served_rows, capsys):
     return code, tmp_path, layout, capsys.readouterr().out
 
 
+def unpack_layout(layout: Path, dest: Path) -> list[Path]:
+    """The files of the adapter image tagged v1 in an OCI layout, unpacked into dest."""
+    image = read_oci_layout(OciLayoutTarget(layout, "v1"))
+    return unpack_data_dir([(blob_path(layout, image.layer.digest), LAYER_MEDIA_TYPE)], dest)
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -68,8 +76,7 @@ def sha256_of(path: Path) -> str:
 def test_run_writes_an_image_whose_files_equal_the_adapter(finished_run):
     code, tmp_path, layout, _ = finished_run
     assert code == 0
-    image = read_oci_layout(OciLayoutTarget(layout, "v1"))
-    files = extract_layer(image.layer, tmp_path / "unpacked")
+    files = unpack_layout(layout, tmp_path / "unpacked")
     unpacked = {p.relative_to(tmp_path / "unpacked").as_posix() for p in files if p.is_file()}
     adapter = tmp_path / "work" / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors", "training_summary.json"} <= unpacked
@@ -93,7 +100,7 @@ def test_unpacked_adapter_loads_on_the_base_model(finished_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     _, tmp_path, layout, _ = finished_run
-    extract_layer(read_oci_layout(OciLayoutTarget(layout, "v1")).layer, tmp_path / "unpacked")
+    unpack_layout(layout, tmp_path / "unpacked")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "unpacked")
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
@@ -116,12 +123,47 @@ def test_log_reports_data_and_progress(finished_run):
     assert "precision: bfloat16 requested, but this CPU has no fast bfloat16: training in float32" in out
 
 
-def test_registry_output_is_refused_before_any_work(tmp_path, tiny_model_dir, served_rows, capsys):
+def test_malformed_push_secret_fails_before_any_work(tmp_path, tiny_model_dir, served_rows, capsys, monkeypatch):
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "config.json").write_text('{"auths": {"registry.example.com": {"auth": "not base64!"}}}')
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "secret"))
     code = cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(configmap(tmp_path, tiny_model_dir)),
                      "--work-dir", str(tmp_path / "work"), "--allow-private-urls"])
     assert code == 2
-    assert "tuning.output.image" in capsys.readouterr().err
+    assert "registry.example.com" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_registry_output_is_pushed_and_pulls_back_identical(tmp_path, tiny_model_dir, served_rows, registry_plain,
+                                                           monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(registry_plain.docker_config(tmp_path / "secret")))
+    ref = f"{registry_plain.host}/e2e/adapter:1"
+    code = cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(configmap(tmp_path, tiny_model_dir)),
+                     "--work-dir", str(tmp_path / "work"), "--output", ref, "--allow-private-urls",
+                     "--insecure-registry", registry_plain.host])
+    assert code == 0
+    result = json.loads((tmp_path / "work" / "result.json").read_text())
+    assert result["image"]["reference"] == ref
+    options = RegistryOptions(insecure_registries=frozenset({registry_plain.host}))
+    assert pull_image(ref, tmp_path / "pulled", options).digest == result["image"]["digest"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_summary.json"):
+        assert sha256_of(tmp_path / "pulled" / name) == sha256_of(tmp_path / "work" / "adapter" / name)
+
+
+def test_failed_push_keeps_the_adapter_and_the_push_can_be_rerun(tmp_path, tiny_model_dir, served_rows, fault_proxy,
+                                                                capsys, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(fault_proxy.upstream.docker_config(tmp_path / "s", host=fault_proxy.host)))
+    ref, work = f"{fault_proxy.host}/e2e/rerun:1", tmp_path / "work"
+    fault_proxy.deny(401)
+    code = cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(configmap(tmp_path, tiny_model_dir)),
+                     "--work-dir", str(work), "--output", ref, "--allow-private-urls",
+                     "--insecure-registry", fault_proxy.host])
+    assert code == 2
+    assert f"re-run only the push: tuner push {work} {ref}" in capsys.readouterr().err
+    assert (work / "adapter" / "adapter_model.safetensors").is_file() and (work / "result.json").is_file()
+    fault_proxy.clear()
+    assert cli.main(["push", str(work), ref, "--insecure-registry", fault_proxy.host]) == 0
+    assert "pushed " + ref in capsys.readouterr().out
 
 
 def test_volume_output_receives_the_adapter_files(tmp_path, tiny_model_dir, served_rows):

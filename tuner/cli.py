@@ -20,13 +20,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def registry_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
+                         help="reach this registry over plain HTTP (repeatable); all others use verified HTTPS")
+        sub.add_argument("--registry-ca", type=Path, metavar="CA.pem",
+                         help="CA bundle to verify registries' HTTPS certificates with")
+        sub.add_argument("--registry-config", type=Path, metavar="PATH",
+                         help="docker config.json (or its directory) holding the registry credentials "
+                              "(default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json)")
+
     def job_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
         sub.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
         sub.add_argument("--output", metavar="REF",
-                         help="override tuning.output: oci:DIR[:TAG] for an OCI image layout")
+                         help="override tuning.output: REGISTRY/REPO:TAG, or oci:DIR[:TAG] for an OCI image layout")
         sub.add_argument("--allow-private-urls", action="store_true",
                          help="allow dataset URLs on localhost or private networks (local testing)")
+        registry_arguments(sub)
 
     run = commands.add_parser("run", help="run the whole tuning job here: fetch, prepare, train, package")
     job_arguments(run)
@@ -42,7 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tokenizer", type=Path, help="a tokenizer folder to use instead of the preset's model")
     check.add_argument("--config", type=Path, help="training ConfigMap: its DatasetConfig and max_length apply")
     check.add_argument("--max-length", type=int, help="override TrainingArguments.max_length")
+    push = commands.add_parser("push", help="package a finished work directory's adapter and push it to a registry")
+    push.add_argument("work_dir", type=Path, metavar="WORKDIR", help="work directory of `tuner run`, or an adapter folder")
+    push.add_argument("image", metavar="IMAGE", help="REGISTRY/REPO:TAG, or oci:DIR[:TAG]")
+    registry_arguments(push)
+    pull = commands.add_parser("pull", help="download an adapter image and unpack its /data files")
+    pull.add_argument("image", metavar="IMAGE", help="REGISTRY/REPO[:TAG][@DIGEST]")
+    pull.add_argument("dest", type=Path, metavar="DIR", help="new or empty directory for the adapter files")
+    registry_arguments(pull)
+    chat = commands.add_parser("chat", help="answer a prompt with a preset's base model plus an adapter")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--preset", default="smollm2-135m-instruct", help="base model preset")
+    chat.add_argument("--adapter", type=Path, help="adapter folder (e.g. from `tuner pull`); omit for the base model")
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit (default 128)")
     return parser
+
+
+def _registry_options(args: argparse.Namespace):
+    from tuner.registry import RegistryOptions
+
+    return RegistryOptions(insecure_registries=frozenset(args.insecure_registry), ca_cert=args.registry_ca,
+                           config_file=args.registry_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +111,28 @@ def _dispatch(args: argparse.Namespace) -> int:
                                config_path=args.config, max_length=args.max_length):
             print(line)
         return EXIT_OK
+    if args.command == "push":
+        from tuner.publish import publish
+
+        published = publish(args.work_dir, args.image, _registry_options(args))
+        print(f"pushed {args.image}@{published.digest}")
+        return EXIT_OK
+    if args.command == "pull":
+        from tuner.registry import pull_image
+
+        pulled = pull_image(args.image, args.dest, _registry_options(args))
+        print(f"pulled {args.image}@{pulled.digest}: {len(pulled.files)} files in {args.dest}")
+        return EXIT_OK
+    if args.command == "chat":
+        from tuner.generate import chat
+
+        print(chat(args.preset, args.adapter, args.prompt, max_new_tokens=args.max_new_tokens))
+        return EXIT_OK
     from tuner.run import plan_job, run_job
 
     plan = plan_job(args.workspace, config_path=args.config, output=args.output,
-                    work_dir=getattr(args, "work_dir", None), allow_private_urls=args.allow_private_urls)
+                    work_dir=getattr(args, "work_dir", None), allow_private_urls=args.allow_private_urls,
+                    registry=_registry_options(args))
     if args.command == "validate":
         print(f"ok: {plan.workspace.metadata.name}: {plan.workspace.tuning.method} on {plan.preset.name}, "
               f"config {plan.config.digest()[:19]}")

@@ -231,11 +231,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(f.name, path)
 
 
-def _blob_path(layout: Path, digest: str) -> Path:
+def digest_hex(digest: str) -> str:
+    """The hex part of a `sha256:<64 hex>` digest; UserError for anything else (it names files)."""
     algorithm, _, hex_digest = digest.partition(":")
     if algorithm != "sha256" or not _SHA256_HEX_RE.fullmatch(hex_digest):
-        raise UserError(f"{layout}: unsupported or malformed digest {digest!r}", fix="only sha256 digests are supported")
-    return layout / "blobs" / "sha256" / hex_digest
+        raise UserError(f"unsupported or malformed digest {digest!r}", fix="only sha256 digests are supported")
+    return hex_digest
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    """Where an OCI image layout keeps the blob with this digest."""
+    return layout / "blobs" / "sha256" / digest_hex(digest)
 
 
 def _read_index(layout: Path) -> dict[str, Any]:
@@ -257,7 +263,7 @@ def write_oci_layout(image: AdapterImage, target: OciLayoutTarget) -> str:
         raise UserError(f"{layout} is a non-empty directory but not an OCI image layout", fix="choose another oci:DIR")
     (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     for blob in (image.layer, image.config, image.manifest):
-        path = _blob_path(layout, blob.digest)
+        path = blob_path(layout, blob.digest)
         if not (path.is_file() and path.stat().st_size == blob.size):
             _atomic_write(path, blob.data)
     _atomic_write(layout / "oci-layout", _canonical_json({"imageLayoutVersion": "1.0.0"}))
@@ -276,7 +282,7 @@ def _read_blob(layout: Path, descriptor: dict[str, Any], expected_media_type: st
             f"{layout}: blob {digest} has media type {descriptor.get('mediaType')!r}, expected {expected_media_type}",
             fix="this is not an adapter image built by tuner",
         )
-    path = _blob_path(layout, digest)
+    path = blob_path(layout, digest)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -290,8 +296,8 @@ def _read_blob(layout: Path, descriptor: dict[str, Any], expected_media_type: st
     return blob
 
 
-def read_oci_layout(target: OciLayoutTarget) -> AdapterImage:
-    """Read the adapter image tagged target.tag, verifying every blob's digest and size."""
+def read_layout_manifest(target: OciLayoutTarget) -> tuple[bytes, dict[str, Any]]:
+    """The verified bytes and parsed JSON of the image manifest tagged target.tag."""
     layout = target.path
     manifests = _read_index(layout).get("manifests", [])
     tagged = [m for m in manifests if m.get("annotations", {}).get(REF_NAME_ANNOTATION) == target.tag]
@@ -299,7 +305,14 @@ def read_oci_layout(target: OciLayoutTarget) -> AdapterImage:
         tags = sorted(t for m in manifests if (t := m.get("annotations", {}).get(REF_NAME_ANNOTATION)))
         raise UserError(f"{layout} has no image tagged {target.tag!r}", fix=f"tags present: {', '.join(tags) or 'none'}")
     manifest = _read_blob(layout, tagged[-1], MANIFEST_MEDIA_TYPE)
-    manifest_obj = json.loads(manifest.data)
+    return manifest.data, json.loads(manifest.data)
+
+
+def read_oci_layout(target: OciLayoutTarget) -> AdapterImage:
+    """Read the adapter image tagged target.tag, verifying every blob's digest and size."""
+    layout = target.path
+    manifest_bytes, manifest_obj = read_layout_manifest(target)
+    manifest = Blob.of(MANIFEST_MEDIA_TYPE, manifest_bytes)
     layers = manifest_obj.get("layers", [])
     if len(layers) != 1:
         raise UserError(
@@ -311,51 +324,3 @@ def read_oci_layout(target: OciLayoutTarget) -> AdapterImage:
         config=_read_blob(layout, manifest_obj.get("config", {}), CONFIG_MEDIA_TYPE),
         manifest=manifest,
     )
-
-
-def _member_path(member: tarfile.TarInfo) -> Path | None:
-    """The member's path relative to `data/` (None for `data/` itself); UserError if unsafe."""
-    name = member.name
-    parts = name.split("/")
-    if name.startswith("/") or ".." in parts:
-        raise UserError(f"adapter layer member {name!r} escapes the extraction directory")
-    if not (member.isreg() or member.isdir()):
-        raise UserError(f"adapter layer member {name!r} is not a regular file or directory (links are refused)")
-    rel = [p for p in parts if p not in ("", ".")]
-    if not rel or rel[0] != DATA_DIR:
-        raise UserError(f"adapter layer member {name!r} is outside {DATA_DIR}/")
-    return Path(*rel[1:]) if len(rel) > 1 else None
-
-
-def extract_layer(layer: Blob, dest: Path) -> list[Path]:
-    """Unpack the layer's `data/...` files into dest; returns the files written.
-
-    Every member is checked before anything is written: absolute paths, `..`, links, devices,
-    members outside `data/` and paths that would leave dest through an existing symlink are
-    refused with UserError.
-    """
-    root = dest.resolve()
-    written = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(layer.data), mode="r:gz") as tar:
-            plan = [(member, _member_path(member)) for member in tar.getmembers()]
-            for member, rel in plan:
-                if rel is not None and not (root / rel).resolve().is_relative_to(root):
-                    raise UserError(f"adapter layer member {member.name!r} would be written outside {dest} via a symlink")
-            for member, rel in plan:
-                if rel is None:
-                    continue
-                path = dest / rel
-                if member.isdir():
-                    path.mkdir(parents=True, exist_ok=True)
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                assert source is not None  # a regular file
-                with path.open("wb") as f:
-                    while chunk := source.read(1 << 20):
-                        f.write(chunk)
-                written.append(path)
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"adapter layer {layer.digest} is not a valid gzip tar: {e}") from e
-    return written

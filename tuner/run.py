@@ -20,9 +20,9 @@ from tuner.spec import Workspace, load_workspace, local_host_path
 from tuner.training_config import TrainingConfig, build_config, load_config_file
 
 if TYPE_CHECKING:
-    from tuner.oci import OciLayoutTarget
+    from tuner.oci import OciLayoutTarget, RegistryTarget
+    from tuner.registry import RegistryOptions
 
-SUMMARY_FILE = "training_summary.json"
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig default, capped by the preset's context length
 
 
@@ -34,9 +34,10 @@ class JobPlan:
     workspace_path: Path
     preset: Preset
     config: TrainingConfig
-    output: OciLayoutTarget | Path  # an OCI image layout, or a hostPath output volume
+    output: OciLayoutTarget | RegistryTarget | Path  # an OCI layout, a registry image, or a hostPath volume
     work_dir: Path
     allow_private_urls: bool
+    registry: RegistryOptions
 
     @property
     def max_length(self) -> int:
@@ -49,9 +50,12 @@ def effective_max_length(config: TrainingConfig, preset: Preset) -> int:
 
 
 def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir: Path | None = None,
-             output: str | None = None, allow_private_urls: bool = False) -> JobPlan:
-    """Validate the Workspace, training config and output target without doing any work."""
+             output: str | None = None, allow_private_urls: bool = False,
+             registry: RegistryOptions | None = None) -> JobPlan:
+    """Validate the Workspace, training config, output target and push credentials without doing any work."""
+    from tuner.credentials import docker_config_file, load_credentials, registry_key
     from tuner.oci import RegistryTarget, parse_output_ref
+    from tuner.registry import RegistryOptions
 
     workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
     tuning = workspace.tuning
@@ -67,18 +71,22 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
             raise UserError(str(exc), where="--output" if output else "tuning.output.image") from None
     else:
         target = local_host_path(tuning.output.volume_source, workspace_path.parent, "tuning.output.volumeSource")
+    registry = registry or RegistryOptions()
     if isinstance(target, RegistryTarget):
-        raise UserError(f"pushing to a registry ({target.reference}) is not available in this version",
-                        where="--output" if output else "tuning.output.image",
-                        fix="write an OCI layout with --output oci:DIR:TAG and copy it with skopeo")
+        host = registry_key(target.reference)
+        config_file = docker_config_file(registry.config_file)
+        if load_credentials(host, config_file) is None:  # a malformed secret fails above, before any work
+            events.warn(f"no credentials for {host} in {config_file or 'DOCKER_CONFIG or ~/.docker/config.json'}: "
+                        "the push will be anonymous (set tuning.output.imagePushSecret)")
     return JobPlan(workspace, workspace_path, preset, config, target,
-                   work_dir or Path("tuner-work") / workspace.metadata.name, allow_private_urls)
+                   work_dir or Path("tuner-work") / workspace.metadata.name, allow_private_urls, registry)
 
 
 def run_job(plan: JobPlan) -> dict:
     """Run every stage; return the summary that is also written next to the adapter."""
     from tuner import models, train
-    from tuner.oci import OciLayoutTarget, build_adapter_image, write_oci_layout
+    from tuner.oci import RegistryTarget
+    from tuner.publish import ADAPTER_DIR, SUMMARY_FILE, publish
 
     tuning = plan.workspace.tuning
     started = _now()
@@ -103,26 +111,28 @@ def run_job(plan: JobPlan) -> dict:
     if not len(prepared.train):
         raise UserError("no training rows are left after preparation", where="tuning.input",
                         fix="check the dataset's format and the dropped-row reasons above")
-    adapter_dir = plan.work_dir / "adapter"
+    adapter_dir = plan.work_dir / ADAPTER_DIR
     with _stage("train", stages):
         result = train.train(model_dir, tokenizer, prepared, plan.config, plan.preset, plan.work_dir, adapter_dir,
                              plan.max_length)
 
     summary = _summary(plan, inputs, prepared.stats, result, stages, started)
     (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    result_file = plan.work_dir / "result.json"
+    result_file.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     with _stage("package", stages):
-        if isinstance(plan.output, OciLayoutTarget):
-            image = build_adapter_image(adapter_dir, labels=_labels(plan, summary), created=summary["finished"])
-            digest = write_oci_layout(image, plan.output)
-            events.info(f"output: oci:{plan.output.path}:{plan.output.tag} @ {digest}")
-            summary["image"] = {"reference": f"oci:{plan.output.path}:{plan.output.tag}", "digest": digest}
-        else:
+        if isinstance(plan.output, Path):
             plan.output.mkdir(parents=True, exist_ok=True)
             for path in sorted(adapter_dir.iterdir()):
                 if path.is_file():
                     shutil.copy2(path, plan.output / path.name)
             events.info(f"output: adapter files copied to {plan.output}")
-    (plan.work_dir / "result.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        else:
+            reference = (plan.output.reference if isinstance(plan.output, RegistryTarget)
+                         else f"oci:{plan.output.path}:{plan.output.tag}")
+            published = publish(plan.work_dir, reference, plan.registry)
+            summary["image"] = {"reference": reference, "digest": published.digest}
+    result_file.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     events.info(f"done: train loss {result.train_loss:.4f}"
                 + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
                 + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; adapter in {adapter_dir}")
@@ -177,19 +187,6 @@ def _summary(plan: JobPlan, inputs: list[InputFile], stats, result, stages: dict
         "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
         "started": started,
         "finished": _now(),
-    }
-
-
-def _labels(plan: JobPlan, summary: dict) -> dict[str, str]:
-    source = plan.preset.source
-    return {
-        "org.opencontainers.image.title": f"{plan.workspace.metadata.name} adapter",
-        "org.opencontainers.image.description": f"{plan.workspace.tuning.method} adapter for {plan.preset.name}",
-        "org.opencontainers.image.version": __version__,
-        "sh.kaito.model.name": plan.preset.name,
-        "dev.tuner.base-model": f"{source.hub_id}@{source.revision or source.gguf_file}",
-        "dev.tuner.method": plan.workspace.tuning.method,
-        "dev.tuner.config-digest": summary["config_digest"],
     }
 
 
