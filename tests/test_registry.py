@@ -155,6 +155,18 @@ def test_unchanged_repush_uploads_no_bytes(work_dir, fault_proxy, tmp_path, monk
     assert uploads == []
 
 
+def test_large_blobs_go_up_in_bounded_chunks(work_dir, proxy_auth, monkeypatch):
+    monkeypatch.setattr("tuner.registry._UPLOAD_CHUNK", 4096)
+    ref = repo(proxy_auth) + ":v1"
+    digest = pushed_digest(work_dir, ref, plain_options(proxy_auth.host))
+    patches = [r.body_bytes for r in proxy_auth.requests if r.method == "PATCH"]
+    manifest = json.loads(skopeo("inspect", "--raw", *skopeo_auth_args(proxy_auth), f"docker://{ref}"))
+    assert "sha256:" + hashlib.sha256(json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+                                      ).hexdigest() == digest
+    assert max(patches) == 4096 and len(patches) > 2
+    assert sum(patches) == manifest["config"]["size"] + manifest["layers"][0]["size"]
+
+
 def test_push_to_a_digest_reference_is_refused(work_dir, plain_auth):
     with pytest.raises(UserError, match="digest reference"):
         pushed_digest(work_dir, repo(plain_auth) + "@sha256:" + "0" * 64, plain_options(plain_auth.host))
@@ -179,7 +191,7 @@ def test_server_errors_are_retried_until_the_push_succeeds(work_dir, proxy_auth,
 
 
 def test_a_dropped_upload_is_retried(work_dir, proxy_auth, capsys):
-    proxy_auth.drop("PUT", "/blobs/uploads/", times=1, after_bytes=1024)
+    proxy_auth.drop("PATCH", "/blobs/uploads/", times=1, after_bytes=1024)
     ref = repo(proxy_auth) + ":v1"
     code, log = run_cli(["push", str(work_dir), ref, "--insecure-registry", proxy_auth.host], capsys)
     assert code == 0, log

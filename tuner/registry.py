@@ -52,6 +52,9 @@ _INDEX_TYPES = (INDEX_MEDIA_TYPE, DOCKER_MANIFEST_LIST)
 _MANIFEST_TYPES = (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST)
 _TIMEOUT = (30, 300)  # seconds to connect, seconds between bytes
 _MAX_MANIFEST_BYTES = 4 << 20  # the distribution spec's recommended manifest limit
+# Blobs go up in PATCH chunks of this size, so pushing a multi-GB adapter holds one chunk in memory
+# (oras's monolithic put_upload reads the whole blob). 64 MB chunks measured as fast as one PUT.
+_UPLOAD_CHUNK = 64 << 20
 T = TypeVar("T")
 
 
@@ -247,8 +250,7 @@ def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOption
             events.info(f"push: {label} already in {container.registry}, not uploaded")
             continue
         started = time.monotonic()
-        response = client.retrying(deadline, f"uploading {label}",
-                                   lambda: _check_upload(client.put_upload(str(path), container, descriptor)))
+        response = client.retrying(deadline, f"uploading {label}", lambda: _upload(client, path, container, descriptor))
         seconds = max(time.monotonic() - started, 1e-6)
         uploaded += size
         events.info(f"push: {label} uploaded in {seconds:.1f}s ({size / seconds / 1e6:,.0f} MB/s)"
@@ -261,6 +263,16 @@ def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOption
     if echoed and echoed != digest:
         raise UserError(f"registry {container.registry} stored the manifest as {echoed}, expected {digest}")
     return PushResult(reference, digest, uploaded, skipped)
+
+
+def _upload(client: RegistryClient, path: Path, container: oras.container.Container,
+            descriptor: dict) -> requests.Response:
+    """One whole blob upload session (POST, PATCH chunks, PUT)."""
+    try:
+        response = client.chunked_upload(str(path), container, descriptor, chunk_size=_UPLOAD_CHUNK)
+    except ValueError as e:  # oras: a chunk was refused, e.g. the upload session expired; start a new one
+        raise _Transient(str(e).split("?", 1)[0]) from None
+    return _check_upload(response)
 
 
 def _check_upload(response: requests.Response) -> requests.Response:
