@@ -272,6 +272,20 @@ def test_bearer_token_flow_with_an_identity_token(work_dir, token_proxy, tmp_pat
     assert any(r.method == "POST" and r.path == "/token" and r.status == 200 for r in token_proxy.requests)
 
 
+def test_an_expired_token_is_renewed_by_the_next_challenge(work_dir, token_proxy, tmp_path):
+    from tuner.registry import RegistryClient
+
+    upstream = token_proxy.upstream
+    config = token_config(tmp_path, token_proxy, {"username": upstream.username, "password": upstream.password})
+    name = repo(token_proxy)
+    pushed_digest(work_dir, name + ":v1", plain_options(token_proxy.host, config_file=config))
+    client = RegistryClient(token_proxy.host, plain_options(token_proxy.host, config_file=config))
+    tags_url = f"http://{name.replace('/adapters/', '/v2/adapters/', 1)}/tags/list"
+    assert client.do_request(tags_url).json()["tags"] == ["v1"]
+    token_proxy.tokens.clear()  # every issued token expires
+    assert client.do_request(tags_url).json()["tags"] == ["v1"]
+
+
 def test_a_revoked_identity_token_is_an_auth_error(work_dir, token_proxy, tmp_path):
     config = token_config(tmp_path, token_proxy, {"identitytoken": "idt-revoked"})
     with pytest.raises(UserError, match="refused the credentials") as error:

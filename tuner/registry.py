@@ -97,17 +97,17 @@ class _ChallengeAuth(oras.auth.base.AuthBackend):
         self.session = session
         self._tls_verify = tls_verify
         self._header: str | None = None  # sent with every request once a challenge was answered
-        self._answered: set[str] = set()  # challenges already answered, to fail rather than loop
 
     def header(self) -> dict[str, str]:
         return {"Authorization": self._header} if self._header else {}
 
     def answer(self, response: requests.Response) -> bool:
-        """Set the header that answers response's challenge; False when there is nothing new to try."""
+        """Set the header that answers response's challenge; False when there is nothing to answer with.
+
+        Called at most once per request, so a refused answer fails the request instead of looping,
+        while an expired token is renewed by the next challenge.
+        """
         challenge = response.headers.get("WWW-Authenticate", "")
-        if challenge in self._answered:
-            return False
-        self._answered.add(challenge)
         scheme = challenge.split(" ", 1)[0].lower()
         creds = self.credentials
         if scheme == "basic":
