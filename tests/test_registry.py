@@ -440,3 +440,20 @@ def test_no_credential_reaches_any_output(work_dir, plain_auth, tmp_path, capsys
     log = "\n".join(outputs)
     assert "pushed" in log and "pulled" in log and "does not exist" in log
     assert not any(secret in log for secret in secrets_of(plain_auth))
+
+
+# --- dataset images (tuning.input.image) ----------------------------------------------------------
+
+def test_input_image_data_folder_becomes_the_dataset_files(plain_auth, tmp_path):
+    from tuner.fetch import fetch_inputs
+    from tuner.spec import DataSource
+
+    rows = b'{"prompt": "Hi", "completion": "Hello"}\n'
+    layout = tmp_path / "layout"
+    _write_index(layout, [_image(layout, [_layer({"data/": None, "data/train.jsonl": rows})])])
+    ref = repo(plain_auth) + ":data"
+    skopeo("copy", *skopeo_auth_args(plain_auth, "dest"), f"oci:{layout}", f"docker://{ref}")
+    files = fetch_inputs(DataSource(image=ref), tmp_path / "inputs", base_dir=tmp_path,
+                         registry=plain_options(plain_auth.host))
+    assert [(f.path.name, f.sha256, f.source) for f in files] == [
+        ("train.jsonl", hashlib.sha256(rows).hexdigest(), f"{ref}:/data/train.jsonl")]

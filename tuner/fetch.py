@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from tuner import events
 from tuner.errors import UserError
+from tuner.registry import RegistryOptions
 from tuner.readers import COMPRESSIONS, SUPPORTED_SUFFIXES, dataset_files
 from tuner.spec import DataSource, local_host_path
 
@@ -28,15 +29,34 @@ class InputFile:
     size: int
 
 
-def fetch_inputs(source: DataSource, dest: Path, *, base_dir: Path, allow_private_urls: bool = False) -> list[InputFile]:
-    """Resolve `tuning.input` to local files: download URLs into `dest`, or list a volume's files."""
+def fetch_inputs(source: DataSource, dest: Path, *, base_dir: Path, allow_private_urls: bool = False,
+                 registry: RegistryOptions | None = None) -> list[InputFile]:
+    """Resolve `tuning.input` to local files: download URLs or an image's /data into `dest`, or
+    list a volume's files."""
     if source.urls:
         dest.mkdir(parents=True, exist_ok=True)
         return [_download(url, dest, index, allow_private_urls) for index, url in enumerate(source.urls)]
     if source.volume_source:
         return _volume_files(source.volume_source, base_dir)
-    raise UserError("input images are pulled by the Job's fetch step, which needs registry support",
-                    where="tuning.input.image", fix="for a local run, use urls or a hostPath volumeSource")
+    return _image_files(source.image or "", dest / "image", registry or RegistryOptions())
+
+
+def _image_files(reference: str, dest: Path, registry: RegistryOptions) -> list[InputFile]:
+    """Pull a dataset image's /data (again only if an earlier pull did not finish)."""
+    from tuner.registry import pull_image
+
+    if not dest.is_dir():
+        try:
+            pulled = pull_image(reference, dest, registry, required=())
+        except UserError as exc:
+            raise UserError(str(exc), where="tuning.input.image") from None
+        events.info(f"fetch: {reference} @ {pulled.digest}: {len(pulled.files)} files")
+    try:
+        files = dataset_files([dest])
+    except UserError as exc:
+        raise UserError(str(exc), where="tuning.input.image") from None
+    return [InputFile(p, f"{reference}:/data/{p.relative_to(dest).as_posix()}", _sha256(p), p.stat().st_size)
+            for p in files]
 
 
 def _volume_files(volume: dict, base_dir: Path) -> list[InputFile]:

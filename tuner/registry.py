@@ -290,9 +290,12 @@ def _registry_error(response: requests.Response) -> str:
         return response.reason or "no details"
 
 
-def pull_image(reference: str, dest: Path, options: RegistryOptions,
-               platform: tuple[str, str] = ("linux", "amd64")) -> PullResult:
-    """Download the image at `reference` and unpack its /data adapter files into dest (new or empty)."""
+def pull_image(reference: str, dest: Path, options: RegistryOptions, platform: tuple[str, str] = ("linux", "amd64"),
+               required: tuple[str, ...] = REQUIRED_ADAPTER_FILES) -> PullResult:
+    """Download the image at `reference` and unpack its /data files into dest (new or empty).
+
+    `required` names files /data must hold: the adapter's by default; () for a dataset image.
+    """
     from tuner.unpack import unpack_data_dir
 
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -316,10 +319,12 @@ def pull_image(reference: str, dest: Path, options: RegistryOptions,
                   for layer in manifest["layers"]]
         staging = Path(scratch, "data")
         unpack_data_dir(layers, staging)
-        missing = [name for name in REQUIRED_ADAPTER_FILES if not (staging / name).is_file()]
+        missing = [name for name in required if not (staging / name).is_file()]
         if missing:
             raise UserError(f"{reference} has no adapter: /data/{', /data/'.join(missing)} missing from its filesystem",
                             fix="pull an image built by tuner or Kaito tuning (adapter files under /data)")
+        if not any(staging.rglob("*")):
+            raise UserError(f"{reference} has no files under /data", fix="put the files in the image's /data folder")
         if dest.exists():
             dest.rmdir()
         shutil.move(staging, dest)
