@@ -29,6 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="docker config.json (or its directory) holding the registry credentials "
                               "(default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json)")
 
+    def render_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
+        sub.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
+        sub.add_argument("--namespace", "-n", default="default", help="namespace of the Job (default: default)")
+        sub.add_argument("--image", help="the tuner image the Job runs (default: the release's image)")
+        sub.add_argument("--no-resume", action="store_true",
+                         help="work volume as an emptyDir: a retried pod starts over instead of resuming")
+        sub.add_argument("--work-pvc", metavar="CLAIM", help="use this existing PVC as the work volume")
+        sub.add_argument("--storage-class", help="storage class of the work PVC tuner creates")
+        sub.add_argument("--storage-size", default="100Gi", help="size of the work PVC tuner creates (default 100Gi)")
+        sub.add_argument("--gpus", type=int, metavar="N", help="GPUs per node, for an instance type tuner does not know")
+        sub.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU in GiB, likewise")
+        sub.add_argument("--backoff-limit", type=int, default=3, help="retries after failures (default 3)")
+        sub.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
+                         help="let the Job push to this registry over plain HTTP (repeatable)")
+
     def job_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
         sub.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
@@ -42,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     job_arguments(run)
     run.add_argument("--work-dir", type=Path, help="where inputs, checkpoints and the adapter go "
                                                    "(default: ./tuner-work/<workspace name>)")
+    run.add_argument("--skip-fetch", action="store_true",
+                     help="use the inputs `tuner fetch` left in the work directory instead of fetching them")
+    fetch = commands.add_parser("fetch", help="only fetch the inputs into WORKDIR/inputs (the Job's init container)")
+    fetch.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
+    fetch.add_argument("--work-dir", type=Path, help="the work directory `tuner run` will use "
+                                                     "(default: ./tuner-work/<workspace name>)")
+    fetch.add_argument("--allow-private-urls", action="store_true",
+                       help="allow dataset URLs on localhost or private networks (local testing)")
+    registry_arguments(fetch)
     validate = commands.add_parser("validate", help="check a Workspace and training config without running")
     job_arguments(validate)
     commands.add_parser("presets", help="list the base-model presets")
@@ -52,6 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tokenizer", type=Path, help="a tokenizer folder to use instead of the preset's model")
     check.add_argument("--config", type=Path, help="training ConfigMap: its DatasetConfig and max_length apply")
     check.add_argument("--max-length", type=int, help="override TrainingArguments.max_length")
+    render = commands.add_parser("render", help="print the ConfigMap, Job (and Service, PVC) for a Workspace")
+    render_arguments(render)
+
+    def cluster_arguments(sub: argparse.ArgumentParser, namespace: bool = True) -> None:
+        sub.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, "
+                                                         "else the in-cluster service account)")
+        sub.add_argument("--context", help="kubeconfig context to use")
+        if namespace:
+            sub.add_argument("--namespace", "-n", default="default", help="namespace of the Job (default: default)")
+
+    submit = commands.add_parser("submit", help="create the tuning Job in the cluster (same spec again: no-op)")
+    render_arguments(submit)
+    cluster_arguments(submit, namespace=False)
+    submit.add_argument("--replace", action="store_true", help="replace an existing Job whose spec differs")
+    for verb, text in (("status", "phase, conditions, retries and latest progress of a tuning Job"),
+                       ("logs", "the fetch and tuner logs of a tuning Job's pods, oldest first"),
+                       ("cancel", "delete a tuning Job (its pods and work PVC go with it)")):
+        sub = commands.add_parser(verb, help=text)
+        sub.add_argument("name", metavar="WORKSPACE", help="the Workspace's metadata.name")
+        cluster_arguments(sub)
+        if verb == "logs":
+            sub.add_argument("--follow", "-f", action="store_true", help="stream the current pod's log")
     push = commands.add_parser("push", help="package a finished work directory's adapter and push it to a registry")
     push.add_argument("work_dir", type=Path, metavar="WORKDIR", help="work directory of `tuner run`, or an adapter folder")
     push.add_argument("image", metavar="IMAGE", help="REGISTRY/REPO:TAG, or oci:DIR[:TAG]")
@@ -66,6 +113,60 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", type=Path, help="adapter folder (e.g. from `tuner pull`); omit for the base model")
     chat.add_argument("--max-new-tokens", type=int, default=128, help="reply length limit (default 128)")
     return parser
+
+
+def _render(args: argparse.Namespace):
+    from tuner.render import DEFAULT_IMAGE, RenderOptions, render
+    from tuner.run import plan_job
+
+    plan = plan_job(args.workspace, config_path=args.config, for_cluster=True)
+    return render(plan, RenderOptions(
+        namespace=args.namespace, image=args.image or DEFAULT_IMAGE, resume=not args.no_resume,
+        work_pvc=args.work_pvc, storage_class=args.storage_class, storage_size=args.storage_size, gpus=args.gpus,
+        gpu_memory_gib=args.gpu_memory, backoff_limit=args.backoff_limit,
+        insecure_registries=tuple(args.insecure_registry)))
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from tuner import kube
+
+    if args.command == "submit":
+        rendered = _render(args)
+        with kube.load_client(args.kubeconfig, args.context) as api:
+            result = kube.submit(api, rendered.manifests, args.namespace, replace=args.replace)
+        for note in rendered.notes:
+            events.info(note)
+        for verb, items in (("created", result.created), ("replaced", result.replaced),
+                            ("unchanged", result.unchanged)):
+            for item in items:
+                print(f"{verb}: {item}")
+        name = result.job.removesuffix("-tuning")
+        print(f"job {args.namespace}/{result.job}: watch it with `tuner status {name} -n {args.namespace}` "
+              f"or `tuner logs -f {name} -n {args.namespace}`")
+        return EXIT_OK
+    with kube.load_client(args.kubeconfig, args.context) as api:
+        return _watch(api, args)
+
+
+def _watch(api, args: argparse.Namespace) -> int:
+    """`tuner status/logs/cancel WORKSPACE`: the Job is `<WORKSPACE>-tuning`."""
+    from tuner import kube
+
+    job = f"{args.name}-tuning"
+    if args.command == "status":
+        state = kube.status(api, job, args.namespace)
+        conditions = ", ".join(f"{c.type}={c.status}" for c in state.conditions) or "none"
+        print(f"{args.namespace}/{job}: {state.phase} | conditions: {conditions} | retries: {state.retries} | "
+              f"active pods: {state.active}")
+        if state.progress:
+            print(f"progress: {state.progress}")
+        return EXIT_OK
+    if args.command == "logs":
+        kube.logs(api, job, args.namespace, follow=args.follow)
+        return EXIT_OK
+    kube.cancel(api, job, args.namespace)
+    print(f"cancelled {args.namespace}/{job}")
+    return EXIT_OK
 
 
 def _registry_options(args: argparse.Namespace):
@@ -111,6 +212,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                                config_path=args.config, max_length=args.max_length):
             print(line)
         return EXIT_OK
+    if args.command == "render":
+        sys.stdout.write(_render(args).to_yaml())
+        return EXIT_OK
+    if args.command in ("submit", "status", "logs", "cancel"):
+        return _cluster(args)
     if args.command == "push":
         from tuner.publish import publish
 
@@ -128,6 +234,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(chat(args.preset, args.adapter, args.prompt, max_new_tokens=args.max_new_tokens))
         return EXIT_OK
+    if args.command == "fetch":
+        from tuner.run import fetch_job
+
+        marker, inputs = fetch_job(args.workspace, work_dir=args.work_dir, allow_private_urls=args.allow_private_urls,
+                                   registry=_registry_options(args))
+        print(f"fetched {len(inputs)} input files ({sum(f.size for f in inputs):,} bytes): {marker}")
+        return EXIT_OK
     from tuner.run import plan_job, run_job
 
     plan = plan_job(args.workspace, config_path=args.config, output=args.output,
@@ -137,7 +250,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ok: {plan.workspace.metadata.name}: {plan.workspace.tuning.method} on {plan.preset.name}, "
               f"config {plan.config.digest()[:19]}")
         return EXIT_OK
-    run_job(plan)
+    run_job(plan, skip_fetch=args.skip_fetch)
     return EXIT_OK
 
 

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuner import __version__, events
+from tuner import __version__, distributed, events
 from tuner.errors import UserError
 from tuner.fetch import InputFile, fetch_inputs
 from tuner.presets import Preset, get_preset
-from tuner.spec import Workspace, load_workspace, local_host_path
+from tuner.spec import DataSource, Workspace, load_workspace, local_host_path
 from tuner.training_config import TrainingConfig, build_config, load_config_file
 
 if TYPE_CHECKING:
+    from tuner.data import DataStats, PreparedData
     from tuner.oci import OciLayoutTarget, RegistryTarget
     from tuner.registry import RegistryOptions
 
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig default, capped by the preset's context length
+DEFAULT_DDP_TIMEOUT = 1800  # TrainingArguments.ddp_timeout's default (seconds)
+INPUTS_DIR = "inputs"
+FETCHED_MARKER = ".fetched.json"  # in INPUTS_DIR: written once every input is on disk
+SPLIT_FILE = "split.npz"  # in the prepared folder: the train/eval rows, for the node's other ranks
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,11 @@ def effective_max_length(config: TrainingConfig, preset: Preset) -> int:
 
 def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir: Path | None = None,
              output: str | None = None, allow_private_urls: bool = False,
-             registry: RegistryOptions | None = None) -> JobPlan:
-    """Validate the Workspace, training config, output target and push credentials without doing any work."""
+             registry: RegistryOptions | None = None, for_cluster: bool = False) -> JobPlan:
+    """Validate the Workspace, training config, output target and push credentials without doing any work.
+
+    `for_cluster` plans for `tuner render`: volumes and the push secret are the cluster's, not this machine's.
+    """
     from tuner.credentials import docker_config_file, load_credentials, registry_key
     from tuner.oci import RegistryTarget, parse_output_ref
     from tuner.registry import RegistryOptions
@@ -69,54 +78,106 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
             target = parse_output_ref(output or tuning.output.image)
         except UserError as exc:
             raise UserError(str(exc), where="--output" if output else "tuning.output.image") from None
+    elif for_cluster:
+        from tuner.render import OUTPUT_MOUNT
+
+        target = Path(OUTPUT_MOUNT)
     else:
         target = local_host_path(tuning.output.volume_source, workspace_path.parent, "tuning.output.volumeSource")
     registry = registry or RegistryOptions()
-    if isinstance(target, RegistryTarget):
+    if isinstance(target, RegistryTarget) and not for_cluster:
         host = registry_key(target.reference)
         config_file = docker_config_file(registry.config_file)
         if load_credentials(host, config_file) is None:  # a malformed secret fails above, before any work
             events.warn(f"no credentials for {host} in {config_file or 'DOCKER_CONFIG or ~/.docker/config.json'}: "
                         "the push will be anonymous (set tuning.output.imagePushSecret)")
-    return JobPlan(workspace, workspace_path, preset, config, target,
-                   work_dir or Path("tuner-work") / workspace.metadata.name, allow_private_urls, registry)
+    return JobPlan(workspace, workspace_path, preset, config, target, work_dir or default_work_dir(workspace),
+                   allow_private_urls, registry)
 
 
-def run_job(plan: JobPlan) -> dict:
-    """Run every stage; return the summary that is also written next to the adapter."""
-    from tuner import models, train
+def default_work_dir(workspace: Workspace) -> Path:
+    return Path("tuner-work") / workspace.metadata.name
+
+
+def fetch_job(workspace_path: Path, *, work_dir: Path | None = None, allow_private_urls: bool = False,
+              registry: RegistryOptions | None = None) -> tuple[Path, list[InputFile]]:
+    """`tuner fetch`: only the fetch stage, into WORK/inputs; return the marker file and the inputs."""
+    workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
+    work_dir = work_dir or default_work_dir(workspace)
+    inputs = _fetch(workspace.tuning.input, workspace_path, work_dir, allow_private_urls, registry)
+    return work_dir / INPUTS_DIR / FETCHED_MARKER, inputs
+
+
+def run_job(plan: JobPlan, *, skip_fetch: bool = False) -> dict | None:
+    """Run every stage; return the summary that is also written next to the adapter.
+
+    `skip_fetch` uses the inputs `tuner fetch` left in the work directory. Under torchrun each
+    node's local rank 0 fetches and prepares the data while the node's other ranks wait, every rank
+    trains, and only rank 0 logs progress, writes the adapter and publishes it (the others return None).
+    """
+    ranks = distributed.ranks_from_env()
+    if ranks.distributed and ranks.is_node_leader and not ranks.is_main:
+        events.info(f"rank {ranks.rank} of {ranks.world_size} (node {ranks.node}): preparing this node's data, "
+                    "then training; rank 0 logs the progress")
+    timeout = timedelta(seconds=int(plan.config.training_arguments.get("ddp_timeout", DEFAULT_DDP_TIMEOUT)))
+    with distributed.process_group(ranks, timeout), distributed.quiet_unless_main(ranks):
+        return _run_stages(plan, ranks, skip_fetch)
+
+
+def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool) -> dict | None:
+    from tuner import train
     from tuner.oci import RegistryTarget
     from tuner.publish import ADAPTER_DIR, SUMMARY_FILE, publish
 
     tuning = plan.workspace.tuning
     started = _now()
     events.info(f"tuner {__version__}: workspace {plan.workspace.metadata.name} | preset {plan.preset.name} | "
-                f"method {tuning.method} | work dir {plan.work_dir}")
+                f"method {tuning.method} | work dir {plan.work_dir}"
+                + (f" | {ranks.world_size} processes" if ranks.distributed else ""))
     stages: dict[str, float] = {}
     for key in ("dataset_path", "dataset_extension"):
         if plan.config.dataset.get(key):
             events.warn(f"DatasetConfig.{key} is not applied: tuner reads every dataset file of tuning.input")
+    prepared_dir = plan.work_dir / "prepared"
 
-    with _stage("fetch", stages):
-        inputs = fetch_inputs(tuning.input, plan.work_dir / "inputs", base_dir=plan.workspace_path.parent,
-                              allow_private_urls=plan.allow_private_urls)
-    with _stage("load", stages):
-        model_dir = models.resolve_base_model(plan.preset, plan.config.model.get("pretrained_model_name_or_path"))
-        tokenizer = train.load_tokenizer(model_dir, plan.config)
-    with _stage("prepare", stages):
-        prepared = _prepare([f.path for f in inputs], tokenizer, plan.config, plan.max_length,
-                            plan.work_dir / "prepared")
-        for line in prepared.stats.log_lines():
-            events.info(line)
-    if not len(prepared.train):
-        raise UserError("no training rows are left after preparation", where="tuning.input",
-                        fix="check the dataset's format and the dropped-row reasons above")
+    def lead() -> tuple[tuple[Path, object, PreparedData], tuple[list[InputFile], DataStats]]:
+        with _stage("fetch", stages):
+            if skip_fetch:
+                inputs = _fetched_inputs(tuning.input, plan.work_dir)
+            else:
+                inputs = _fetch(tuning.input, plan.workspace_path, plan.work_dir, plan.allow_private_urls,
+                                plan.registry)
+        with _stage("load", stages):
+            model_dir, tokenizer = _load_model(plan)
+        with _stage("prepare", stages):
+            prepared = _prepare([f.path for f in inputs], tokenizer, plan.config, plan.max_length, prepared_dir)
+            for line in prepared.stats.log_lines():
+                events.info(line)
+        if not len(prepared.train):
+            raise UserError("no training rows are left after preparation", where="tuning.input",
+                            fix="check the dataset's format and the dropped-row reasons above")
+        if ranks.distributed:
+            _save_split(prepared, prepared_dir)
+        return (model_dir, tokenizer, prepared), (inputs, prepared.stats)
+
+    kept, shared = distributed.leader_first(ranks, lead)
+    if len({tuple(f.sha256 for f in files) for files, _ in shared.values()}) > 1:
+        raise UserError("the nodes fetched different dataset files (their sha256s differ)", where="tuning.input",
+                        fix="give every node the same, unchanging files")
+    inputs, stats = shared[ranks.node_leader]
+    if kept is None:  # the node's leader has fetched and prepared: load its work
+        model_dir, tokenizer = _load_model(plan)
+        prepared = _load_prepared(prepared_dir, stats)
+    else:
+        model_dir, tokenizer, prepared = kept
     adapter_dir = plan.work_dir / ADAPTER_DIR
     with _stage("train", stages):
         result = train.train(model_dir, tokenizer, prepared, plan.config, plan.preset, plan.work_dir, adapter_dir,
                              plan.max_length)
+    if not ranks.is_main:
+        return None
 
-    summary = _summary(plan, inputs, prepared.stats, result, stages, started)
+    summary = _summary(plan, inputs, stats, result, stages, started, ranks.world_size)
     (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     result_file = plan.work_dir / "result.json"
     result_file.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -137,6 +198,76 @@ def run_job(plan: JobPlan) -> dict:
                 + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
                 + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; adapter in {adapter_dir}")
     return summary
+
+
+def _fetch(source: DataSource, workspace_path: Path, work_dir: Path, allow_private_urls: bool,
+           registry: RegistryOptions | None) -> list[InputFile]:
+    """Fetch the inputs into WORK/inputs, then write the marker that `run --skip-fetch` reads."""
+    inputs_dir = work_dir / INPUTS_DIR
+    inputs = fetch_inputs(source, inputs_dir, base_dir=workspace_path.parent, allow_private_urls=allow_private_urls,
+                          registry=registry)
+    inputs_dir.mkdir(parents=True, exist_ok=True)  # a volume input downloads nothing
+    files = [{"path": str(_relative_to(f.path, inputs_dir)), "source": f.source, "sha256": f.sha256, "size": f.size}
+             for f in inputs]
+    marker = inputs_dir / FETCHED_MARKER
+    partial = marker.with_name(marker.name + ".part")
+    partial.write_text(json.dumps({"input": _input_digest(source), "files": files}, indent=2) + "\n")
+    partial.replace(marker)
+    return inputs
+
+
+def _fetched_inputs(source: DataSource, work_dir: Path) -> list[InputFile]:
+    """The inputs a `tuner fetch` of this tuning.input left in WORK/inputs, checked to be still there."""
+    inputs_dir = work_dir / INPUTS_DIR
+    marker = inputs_dir / FETCHED_MARKER
+    fix = "run `tuner fetch WORKSPACE --work-dir WORK` first, with the same workspace and work dir"
+    if not marker.is_file():
+        raise UserError(f"the inputs were not fetched ({marker} is missing)", where="--skip-fetch", fix=fix)
+    record = json.loads(marker.read_text())
+    if record["input"] != _input_digest(source):
+        raise UserError(f"{marker} lists the inputs of a different tuning.input", where="--skip-fetch", fix=fix)
+    inputs = [InputFile(inputs_dir / f["path"], f["source"], f["sha256"], f["size"]) for f in record["files"]]
+    for f in inputs:
+        if not f.path.is_file() or f.path.stat().st_size != f.size:
+            raise UserError(f"{f.path} is missing or changed since it was fetched", where="--skip-fetch", fix=fix)
+    events.info(f"fetch: {len(inputs)} input files fetched earlier ({marker})")
+    return inputs
+
+
+def _input_digest(source: DataSource) -> str:
+    return "sha256:" + hashlib.sha256(source.model_dump_json(by_alias=True).encode()).hexdigest()
+
+
+def _relative_to(path: Path, folder: Path) -> Path:
+    """`path` relative to `folder` when inside it (the work dir may be mounted elsewhere later), else as is."""
+    return path.relative_to(folder) if path.is_relative_to(folder) else path
+
+
+def _load_model(plan: JobPlan):
+    """The base model's folder and its tokenizer."""
+    from tuner import models, train
+
+    model_dir = models.resolve_base_model(plan.preset, plan.config.model.get("pretrained_model_name_or_path"))
+    return model_dir, train.load_tokenizer(model_dir, plan.config)
+
+
+def _save_split(prepared: PreparedData, out_dir: Path) -> None:
+    """Record which stored rows train and which evaluate, for `_load_prepared` on the node's other ranks."""
+    import numpy as np
+
+    np.savez(out_dir / SPLIT_FILE, train=prepared.train.indices, eval=prepared.eval.indices)
+
+
+def _load_prepared(out_dir: Path, stats: DataStats) -> PreparedData:
+    """The data the node's leader prepared into `out_dir`, as `_prepare` returned it there."""
+    import numpy as np
+
+    from tuner.data import STORE_FILE, IndexedExamples, PreparedData
+    from tuner.store import ExampleStore
+
+    store = ExampleStore(out_dir / STORE_FILE)
+    with np.load(out_dir / SPLIT_FILE) as split:
+        return PreparedData(IndexedExamples(store, split["train"]), IndexedExamples(store, split["eval"]), stats)
 
 
 def check_data(files: list[Path], *, preset_name: str, tokenizer_dir: Path | None = None,
@@ -167,7 +298,8 @@ def _prepare(files: list[Path], tokenizer, config: TrainingConfig, max_length: i
         bad_rows=dataset.get("bad_rows", "drop"), long_rows=dataset.get("long_rows", "truncate"))
 
 
-def _summary(plan: JobPlan, inputs: list[InputFile], stats, result, stages: dict[str, float], started: str) -> dict:
+def _summary(plan: JobPlan, inputs: list[InputFile], stats, result, stages: dict[str, float], started: str,
+             world_size: int) -> dict:
     source = plan.preset.source
     return {
         "tuner_version": __version__,
@@ -181,6 +313,7 @@ def _summary(plan: JobPlan, inputs: list[InputFile], stats, result, stages: dict
         "datasets": [{"source": f.source, "sha256": f.sha256, "bytes": f.size} for f in inputs],
         "data": asdict(stats),
         "max_length": plan.max_length,
+        "world_size": world_size,
         "train": {k: v for k, v in asdict(result).items() if k != "log_history"}
                  | {"tokens_per_second": round(result.tokens_per_second, 1)},
         "loss_history": [{"step": e["step"], "loss": e["loss"]} for e in result.log_history if "loss" in e],

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback, Trainer,
                           TrainerCallback, TrainingArguments)
 
-from tuner import events
+from tuner import distributed, events
 from tuner.data import PreparedData
 from tuner.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
 from tuner.errors import UserError
@@ -65,7 +65,10 @@ def load_tokenizer(model_dir: Path, config: TrainingConfig):
 
 def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
           work_dir: Path, adapter_dir: Path, max_length: int) -> TrainResult:
-    """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`."""
+    """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`.
+
+    Under torchrun every rank calls this; only rank 0 saves.
+    """
     precision = choose_precision(config.model.get("torch_dtype"))
     if precision.reason:
         events.info(f"precision: {precision.reason}")
@@ -83,9 +86,10 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     output = trainer.train()
     seconds = time.monotonic() - started
     eval_loss = trainer.evaluate()["eval_loss"] if len(data.eval) else None
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    if trainer.is_world_process_zero():
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return TrainResult(
@@ -163,6 +167,8 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
     )
     args.setdefault("logging_steps", DEFAULT_LOGGING_STEPS)
     args.setdefault("logging_first_step", True)
+    if distributed.ranks_from_env().distributed:
+        args.setdefault("ddp_backend", distributed.ddp_backend())
     if not has_eval:
         args["eval_strategy"] = "no"
     try:
@@ -214,7 +220,8 @@ class _ProgressLog(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.monotonic()
         events.info(f"train: {state.max_steps:,} steps, {args.num_train_epochs:g} epochs, "
-                    f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation")
+                    f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation"
+                    + (f" x {args.world_size} processes" if args.world_size > 1 else ""))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:

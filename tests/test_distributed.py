@@ -1,0 +1,146 @@
+"""`tuner run` under torchrun: real DDP (gloo) runs on this CPU, 2 processes on one node and 2 "nodes"
+on loopback (each with its own work dir, like separate pods), and a failure on one node stopping both."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_run import ROWS, configmap, unpack_layout, workspace
+
+from tuner.presets import get_preset
+from tuner.training_config import build_config, load_config_file
+
+TIMEOUT = 300  # seconds for a whole launch
+STEPS = 6  # test_run's configmap: max_steps 6, logging_steps 2
+LOGGED_STEPS = (1, 2, 4, 6)
+ADAPTER = Path("adapter") / "adapter_model.safetensors"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def job(tmp_path, tiny_model_dir, http_server) -> list[str]:
+    """The `run` arguments (workspace, config) of a job training on rows served over loopback."""
+    root, base = http_server
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return ["run", str(workspace(tmp_path, [f"{base}/rows.jsonl"])),
+            "--config", str(configmap(tmp_path, tiny_model_dir)), "--allow-private-urls"]
+
+
+@pytest.fixture()
+def lora_shapes(tmp_path, tiny_model_dir) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the adapter tensors peft saves for the job's LoraConfig on the tiny model."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    config = build_config("lora", load_config_file(configmap(tmp_path, tiny_model_dir)))
+    lora = LoraConfig(**config.lora, target_modules=list(get_preset("smollm2-135m-instruct").lora_target_modules),
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
+    return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def torchrun(launch: list[str], job: list[str], work: Path, output: Path,
+             launcher: str = "torch.distributed.run") -> list[str]:
+    return [sys.executable, "-m", launcher, *launch, "-m", "tuner.cli", *job,
+            "--work-dir", str(work), "--output", f"oci:{output}:v1"]
+
+
+def run_together(commands: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
+    """Start the commands at once and wait for all: (exit code, output) each. Stragglers are stopped."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 cores: one thread per process
+    logs = [cwd / f"launch-{i}.log" for i in range(len(commands))]
+    procs: list[subprocess.Popen] = []
+    try:
+        for command, log in zip(commands, logs):
+            with log.open("w") as out:
+                procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        deadline = time.monotonic() + TIMEOUT
+        codes = [proc.wait(timeout=max(deadline - time.monotonic(), 1)) for proc in procs]
+    finally:
+        _stop(procs)
+    return list(zip(codes, (log.read_text() for log in logs)))
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM a torchrun (it stops its workers, which run in sessions of their own), then SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in load_file(path).items()}
+
+
+def assert_trained_once(work: Path, log: str, lora_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Rank 0's adapter is peft's, its summary says 2 processes, and each progress step was logged once."""
+    assert adapter_shapes(work / ADAPTER) == lora_shapes
+    summary = json.loads((work / "result.json").read_text())
+    assert summary["world_size"] == 2 and summary["train"]["steps"] == STEPS
+    assert summary["data"]["rows_kept"] == len(ROWS)
+    for step in LOGGED_STEPS:
+        assert log.count(f" step {step}/{STEPS} ") == 1, log
+    assert log.count("stage prepare: done") == 1, log
+
+
+def test_two_processes_on_one_node(tmp_path, job, lora_shapes):
+    work, layout = tmp_path / "work", tmp_path / "layout"
+    [(code, log)] = run_together([torchrun(["--standalone", "--nproc_per_node=2"], job, work, layout)], tmp_path)
+    assert code == 0, log
+    assert_trained_once(work, log, lora_shapes)
+    assert "| 2 processes" in log and "x 2 processes" in log
+    files = unpack_layout(layout, tmp_path / "unpacked")
+    assert "adapter_model.safetensors" in {p.name for p in files}
+
+
+def test_two_nodes_each_with_its_own_work_dir(tmp_path, job, lora_shapes):
+    port = free_port()
+    nodes = [(tmp_path / f"node{rank}" / "work", tmp_path / f"node{rank}" / "layout") for rank in (0, 1)]
+    commands = [torchrun(["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                          f"--master_port={port}"], job, work, layout)
+                for rank, (work, layout) in enumerate(nodes)]
+    (code0, log0), (code1, log1) = run_together(commands, tmp_path)
+    assert (code0, code1) == (0, 0), log0 + log1
+    assert_trained_once(nodes[0][0], log0 + log1, lora_shapes)
+    (work1, layout1) = nodes[1]
+    assert (work1 / "prepared" / "examples.arrow").is_file()  # node 1 fetched and prepared its own copy
+    assert not (work1 / "adapter").exists() and not (work1 / "result.json").exists() and not layout1.exists()
+    assert " step " not in log1 and "rank 1 of 2 (node 1)" in log1
+
+
+
+def test_a_user_error_before_training_stops_every_node_with_exit_code_2(tmp_path, job):
+    """Node 0's data fails while node 1 waits for it: node 1 stops too, naming the failure, and
+    tuner's launcher (unlike torchrun, which exits 1) passes the user-error exit code on."""
+    port = free_port()
+    commands = [[*torchrun(["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                            f"--master_port={port}"], job, tmp_path / f"node{rank}", tmp_path / f"layout{rank}",
+                           launcher="tuner.distributed"),
+                 *(["--skip-fetch"] if rank == 0 else [])]
+                for rank in (0, 1)]
+    (code0, log0), (code1, log1) = run_together(commands, tmp_path)
+    assert (code0, code1) == (2, 2), log0 + log1
+    assert "error: --skip-fetch: the inputs were not fetched" in log0
+    assert "error: rank 0 failed before training: --skip-fetch: the inputs were not fetched" in log1

@@ -1,0 +1,73 @@
+"""`tuner fetch` (the Job's init container) then `tuner run --skip-fetch` trains on what it fetched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_run import ROWS, configmap, sha256_of, workspace
+
+from tuner import cli
+
+
+@pytest.fixture()
+def served(http_server) -> tuple[Path, list[str]]:
+    """Two dataset files on the loopback server: (their folder, their URLs)."""
+    root, base = http_server
+    for name, rows in (("part1.jsonl", ROWS[:3]), ("part2.jsonl", ROWS[3:])):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, [f"{base}/part1.jsonl", f"{base}/part2.jsonl"]
+
+
+def run_args(tmp_path: Path, model_dir: Path, urls: list[str]) -> list[str]:
+    return ["run", str(workspace(tmp_path, urls)), "--config", str(configmap(tmp_path, model_dir)),
+            "--work-dir", str(tmp_path / "work"), "--output", f"oci:{tmp_path / 'layout'}:v1",
+            "--allow-private-urls", "--skip-fetch"]
+
+
+def test_run_skip_fetch_trains_on_the_fetched_files(tmp_path, tiny_model_dir, served, capsys):
+    root, urls = served
+    work = tmp_path / "work"
+    assert cli.main(["fetch", str(workspace(tmp_path, urls)), "--work-dir", str(work), "--allow-private-urls"]) == 0
+    marker = json.loads((work / "inputs" / ".fetched.json").read_text())
+    digests = [sha256_of(root / "part1.jsonl"), sha256_of(root / "part2.jsonl")]
+    assert [f["sha256"] for f in marker["files"]] == digests
+    for served_file in root.iterdir():  # a download now would fail: the run must use the fetched copies
+        served_file.unlink()
+
+    assert cli.main(run_args(tmp_path, tiny_model_dir, urls)) == 0
+    summary = json.loads((work / "adapter" / "training_summary.json").read_text())
+    assert [d["sha256"] for d in summary["datasets"]] == digests
+    assert summary["data"]["rows_kept"] == len(ROWS) and summary["world_size"] == 1
+    assert "fetch: 2 input files fetched earlier" in capsys.readouterr().out
+
+
+def test_skip_fetch_without_a_fetch_is_one_error_line(tmp_path, tiny_model_dir, served, capsys):
+    assert cli.main(run_args(tmp_path, tiny_model_dir, served[1])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --skip-fetch: the inputs were not fetched"), err
+    assert "tuner fetch" in err[0]
+
+
+def test_skip_fetch_refuses_inputs_fetched_for_another_workspace_input(tmp_path, tiny_model_dir, served, capsys):
+    urls = served[1]
+    assert cli.main(["fetch", str(workspace(tmp_path, urls[:1])), "--work-dir", str(tmp_path / "work"),
+                     "--allow-private-urls"]) == 0
+    assert cli.main(run_args(tmp_path, tiny_model_dir, urls)) == 2
+    assert "lists the inputs of a different tuning.input" in capsys.readouterr().err
+
+
+def test_fetch_lists_a_volume_input_without_copying_it(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    path = workspace(tmp_path, [])
+    doc = yaml.safe_load(path.read_text())
+    doc["tuning"]["input"] = {"volumeSource": {"hostPath": {"path": "data"}}}
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["fetch", str(path), "--work-dir", str(tmp_path / "work")]) == 0
+    inputs = tmp_path / "work" / "inputs"
+    marker = json.loads((inputs / ".fetched.json").read_text())
+    assert [Path(f["path"]) for f in marker["files"]] == [tmp_path / "data" / "rows.jsonl"]
+    assert [p.name for p in inputs.iterdir()] == [".fetched.json"]

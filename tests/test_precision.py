@@ -1,0 +1,80 @@
+"""Precision on GPUs without bf16: the rendered config (per SKU) and the run-time choice (per device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuner.gpus import lookup
+from tuner.precision import choose_precision, for_sku
+from tuner.training_config import build_config
+
+
+def test_v100_turns_kaitos_bf16_defaults_into_fp16():
+    config, notes = for_sku(build_config("qlora"), lookup("Standard_NC6s_v3"))
+    assert config.model["torch_dtype"] == "float16"
+    assert config.quantization["bnb_4bit_compute_dtype"] == "float16"
+    assert config.training_arguments["fp16"] is True and "bf16" not in config.training_arguments
+    assert len(notes) == 3 and all("Standard_NC6s_v3 (V100) has no bf16" in note for note in notes)
+
+
+def test_an_explicit_bf16_flag_becomes_fp16_on_a_t4():
+    config, notes = for_sku(build_config("lora", {"TrainingArguments": {"bf16": True}}), lookup("g4dn.xlarge"))
+    assert config.training_arguments["fp16"] is True and "bf16" not in config.training_arguments
+    assert "TrainingArguments.bf16 true -> fp16 true" in notes[-1]
+
+
+def test_a_bf16_gpu_keeps_the_config_unchanged():
+    config = build_config("qlora")
+    assert for_sku(config, lookup("Standard_NC24ads_A100_v4")) == (config, [])
+
+
+def test_float32_training_on_a_v100_gets_no_fp16_flag():
+    config, notes = for_sku(build_config("lora", {"ModelConfig": {"torch_dtype": "float32"}}), lookup("p3.2xlarge"))
+    assert config.model["torch_dtype"] == "float32" and "fp16" not in config.training_arguments
+    assert notes == []
+
+
+def test_for_sku_leaves_the_input_config_alone():
+    config = build_config("qlora")
+    for_sku(config, lookup("Standard_NC6s_v3"))
+    assert config.model["torch_dtype"] == "bfloat16" and "fp16" not in config.training_arguments
+
+
+def fake_cuda(monkeypatch, *, bf16: bool, name: str):
+    """Pretend a CUDA GPU is present; bf16 only natively (emulation is what a V100 or T4 reports)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def test_runtime_on_a_v100_trains_in_fp16(monkeypatch):
+    fake_cuda(monkeypatch, bf16=False, name="Tesla V100-PCIE-16GB")
+    precision = choose_precision("bfloat16")
+    assert (precision.dtype, precision.device, precision.mixed_fp16, precision.mixed_bf16) == (
+        torch.float16, "cuda", True, False)
+    assert precision.reason == "bfloat16 requested, but Tesla V100-PCIE-16GB has no bfloat16: training in float16"
+
+
+def test_runtime_auto_on_a_t4_is_fp16(monkeypatch):
+    fake_cuda(monkeypatch, bf16=False, name="Tesla T4")
+    assert choose_precision("auto").dtype == torch.float16
+
+
+def test_runtime_on_an_a100_keeps_bf16(monkeypatch):
+    fake_cuda(monkeypatch, bf16=True, name="NVIDIA A100-SXM4-80GB")
+    precision = choose_precision("bfloat16")
+    assert precision.dtype == torch.bfloat16 and precision.mixed_bf16 and precision.reason == ""
+
+
+@pytest.mark.parametrize("requested", ["float16", "float32"])
+def test_runtime_keeps_an_explicit_non_bf16_dtype_on_a_v100(monkeypatch, requested):
+    fake_cuda(monkeypatch, bf16=False, name="Tesla V100-PCIE-16GB")
+    assert choose_precision(requested).name == requested
+
+
+def test_runtime_on_cpu_is_still_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    precision = choose_precision("bfloat16")
+    assert (precision.dtype, precision.device) == (torch.float32, "cpu")
+    assert "no fast bfloat16" in precision.reason

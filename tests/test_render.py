@@ -1,0 +1,239 @@
+"""`tuner render`: every manifest variant validates against the official Kubernetes schemas (1.30
+to the newest kubernetes-validate ships), and the fields that matter hold the right values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tuner import cli
+from tuner.errors import UserError
+from tuner.render import RenderOptions, render
+from tuner.run import plan_job
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed-examples" / "workspace-phi-3-mini-tuning.yaml"
+K8S_VERSIONS = [f"1.{minor}.0" for minor in range(30, int(kubernetes_validate.latest_version().split(".")[1]) + 1)]
+PUSH = {"image": "myacr.azurecr.io/adapters/phi3:0.0.1", "imagePushSecret": "acr-push"}
+
+
+def seed_workspace(tmp_path: Path, *, instance: str = "Standard_NC6s_v3", count: int = 1, input_: dict | None = None,
+                   output: dict | None = None, name: str = "phi3-qlora") -> Path:
+    """The seed's tuning example with a valid image name, varied where a test says."""
+    doc = yaml.safe_load(SEED.read_text())
+    doc["metadata"]["name"] = name
+    doc["resource"]["instanceType"] = instance
+    doc["resource"]["count"] = count
+    doc["tuning"]["output"] = output or PUSH
+    if input_ is not None:
+        doc["tuning"]["input"] = input_
+    path = tmp_path / "workspace.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def rendered(path: Path, **options) -> dict[str, dict]:
+    result = render(plan_job(path, for_cluster=True), RenderOptions(**options))
+    return {m["kind"]: m for m in result.manifests}
+
+
+def pod(manifests: dict[str, dict]) -> dict:
+    return manifests["Job"]["spec"]["template"]["spec"]
+
+
+def container(manifests: dict[str, dict], name: str = "tuner") -> dict:
+    spec = pod(manifests)
+    return next(c for c in spec["containers"] + spec["initContainers"] if c["name"] == name)
+
+
+VARIANTS = {
+    "urls-to-image": {},
+    "image-input": {"input_": {"image": "myacr.azurecr.io/datasets/dolly:1", "imagePullSecrets": ["acr-pull"]}},
+    "volume-input": {"input_": {"volumeSource": {"persistentVolumeClaim": {"claimName": "datasets"}}}},
+    "volume-output": {"output": {"volumeSource": {"persistentVolumeClaim": {"claimName": "adapters"}}}},
+    "4-gpus": {"instance": "Standard_NC24s_v3"},
+    "2-nodes": {"instance": "Standard_NC12s_v3", "count": 2},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("options", [{}, {"resume": False}, {"work_pvc": "my-claim"}], ids=["pvc", "emptydir", "own-pvc"])
+def test_every_variant_validates_against_the_official_schemas(tmp_path, variant, options):
+    manifests = render(plan_job(seed_workspace(tmp_path, **VARIANTS[variant]), for_cluster=True),
+                       RenderOptions(**options)).manifests
+    for manifest in manifests:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_seed_qlora_on_one_v100_gets_one_gpu_and_fp16(tmp_path):
+    result = render(plan_job(seed_workspace(tmp_path), for_cluster=True), RenderOptions())
+    manifests = {m["kind"]: m for m in result.manifests}
+    assert container(manifests)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert "command" not in container(manifests)  # one process: the image's tuner entrypoint
+    config = yaml.safe_load(manifests["ConfigMap"]["data"]["training_config.yaml"])["training_config"]
+    assert config["TrainingArguments"].get("bf16") in (False, None) and config["TrainingArguments"]["fp16"] is True
+    assert any("bf16" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(("instance", "gpus"), [("Standard_NC12s_v3", 2), ("Standard_NC24s_v3", 4),
+                                                 ("Standard_NC24ads_A100_v4", 1), ("Standard_ND96asr_v4", 8)])
+def test_gpu_count_comes_from_the_sku(tmp_path, instance, gpus):
+    manifests = rendered(seed_workspace(tmp_path, instance=instance))
+    assert container(manifests)["resources"]["limits"]["nvidia.com/gpu"] == gpus
+
+
+def test_several_gpus_launch_torchrun_on_one_node(tmp_path):
+    tuner = container(rendered(seed_workspace(tmp_path, instance="Standard_NC24s_v3")))
+    assert tuner["command"] == ["python", "-m", "tuner.distributed", "--nproc_per_node=4", "--standalone"]
+    assert tuner["args"][:3] == ["-m", "tuner.cli", "run"]
+
+
+def test_two_nodes_are_an_indexed_job_with_a_headless_service(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path, instance="Standard_NC12s_v3", count=2))
+    job, service = manifests["Job"], manifests["Service"]
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 2, 2)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert pod(manifests)["subdomain"] == service["metadata"]["name"]
+    assert container(manifests)["command"] == [
+        "python", "-m", "tuner.distributed", "--nproc_per_node=2", "--nnodes=2", "--node_rank=$(NODE_RANK)",
+        f"--master_addr=phi3-qlora-tuning-0.{service['metadata']['name']}", "--master_port=29500"]
+    rank = next(e for e in container(manifests)["env"] if e["name"] == "NODE_RANK")
+    assert "job-completion-index" in rank["valueFrom"]["fieldRef"]["fieldPath"]
+    assert manifests["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    work = next(m for m in container(manifests)["volumeMounts"] if m["name"] == "work")
+    assert work["subPathExpr"] == "node-$(NODE_RANK)"
+
+
+def test_push_secret_is_mounted_read_only_as_the_docker_config(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path))
+    volume = next(v for v in pod(manifests)["volumes"] if v["name"] == "push-secret")
+    assert volume["secret"]["secretName"] == "acr-push"
+    assert volume["secret"]["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
+    mount = next(m for m in container(manifests)["volumeMounts"] if m["name"] == "push-secret")
+    assert mount["readOnly"] is True
+    assert {"name": "DOCKER_CONFIG", "value": mount["mountPath"]} in container(manifests)["env"]
+
+
+def test_shm_is_a_memory_empty_dir(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path))
+    assert next(v for v in pod(manifests)["volumes"] if v["name"] == "dshm")["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container(manifests)["volumeMounts"]
+
+
+def test_fetch_init_container_then_training_without_refetching(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path))
+    fetch = container(manifests, "fetch")
+    assert fetch["args"][:2] == ["fetch", "/etc/tuner/workspace.yaml"]
+    assert "--skip-fetch" in container(manifests)["args"]
+    assert fetch["image"] == container(manifests)["image"]
+
+
+def test_work_volume_is_a_pvc_owned_by_the_job_unless_resume_is_off(tmp_path):
+    path = seed_workspace(tmp_path)
+    manifests = rendered(path, storage_class="premium", storage_size="200Gi")
+    pvc = manifests["PersistentVolumeClaim"]
+    assert pvc["metadata"]["annotations"]["tuner.dev/owned-by-job"] == "true"
+    assert (pvc["spec"]["storageClassName"], pvc["spec"]["resources"]["requests"]["storage"]) == ("premium", "200Gi")
+    work = next(v for v in pod(manifests)["volumes"] if v["name"] == "work")
+    assert work["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    no_resume = rendered(path, resume=False)
+    assert "PersistentVolumeClaim" not in no_resume
+    assert next(v for v in pod(no_resume)["volumes"] if v["name"] == "work")["emptyDir"] == {}
+    own = rendered(path, work_pvc="team-scratch")
+    assert "PersistentVolumeClaim" not in own
+    assert next(v for v in pod(own)["volumes"] if v["name"] == "work")["persistentVolumeClaim"] == {
+        "claimName": "team-scratch"}
+
+
+def test_volume_sources_are_mounted_and_the_pods_workspace_points_at_them(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path, **VARIANTS["volume-input"], **VARIANTS["volume-output"]))
+    volumes = {v["name"]: v for v in pod(manifests)["volumes"]}
+    assert volumes["input"]["persistentVolumeClaim"] == {"claimName": "datasets"}
+    assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "adapters"}
+    assert {"name": "input", "mountPath": "/mnt/input", "readOnly": True} in container(manifests, "fetch")["volumeMounts"]
+    assert {"name": "output", "mountPath": "/mnt/output"} in container(manifests)["volumeMounts"]
+    tuning = yaml.safe_load(manifests["ConfigMap"]["data"]["workspace.yaml"])["tuning"]
+    assert tuning["input"]["volumeSource"] == {"hostPath": {"path": "/mnt/input"}}
+    assert tuning["output"]["volumeSource"] == {"hostPath": {"path": "/mnt/output"}}
+
+
+def test_input_image_pull_secret_reaches_the_fetch_container(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path, **VARIANTS["image-input"]))
+    assert pod(manifests)["imagePullSecrets"] == [{"name": "acr-pull"}]
+    fetch = container(manifests, "fetch")
+    assert fetch["args"][-2:] == ["--registry-config", "/etc/tuner/pull-secret"]
+    assert any(m["name"] == "pull-secret" and m["readOnly"] for m in fetch["volumeMounts"])
+
+
+def test_security_context_is_locked_down(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path))
+    security = pod(manifests)["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    for name in ("fetch", "tuner"):
+        assert container(manifests, name)["securityContext"] == {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_failure_policy_fails_fast_on_user_errors_and_ignores_disruptions(tmp_path):
+    spec = rendered(seed_workspace(tmp_path))["Job"]["spec"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert spec["backoffLimit"] == 3 and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 300
+
+
+def test_labels_selector_and_gpu_tolerations(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path))
+    labels = manifests["Job"]["metadata"]["labels"]
+    assert (labels["app.kubernetes.io/name"], labels["app.kubernetes.io/instance"], labels["kaito.sh/workspace"]) == (
+        "tuner", "phi3-qlora", "phi3-qlora")
+    assert pod(manifests)["nodeSelector"] == {"app": "phi-3-adapter"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(manifests)["tolerations"]
+
+
+def test_unknown_sku_needs_explicit_gpus_and_memory(tmp_path):
+    path = seed_workspace(tmp_path, instance="Custom_GPU_Box")
+    with pytest.raises(UserError, match="resource.instanceType"):
+        rendered(path)
+    manifests = rendered(path, gpus=2, gpu_memory_gib=48)
+    assert container(manifests)["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_a_sku_too_small_is_refused_with_the_numbers(tmp_path, capsys):
+    path = seed_workspace(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["tuning"]["method"] = "lora"
+    path.write_text(yaml.safe_dump(doc))
+    config = tmp_path / "big.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {"TrainingArguments": {
+        "per_device_train_batch_size": 16, "max_length": 4096, "gradient_checkpointing": False}}}))
+    code = cli.main(["render", str(path), "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "phi-3-mini-4k-instruct" in err and "16" in err and "GiB" in err
+
+
+def test_cli_render_prints_yaml_documents_with_notes(tmp_path, capsys):
+    assert cli.main(["render", str(seed_workspace(tmp_path)), "--namespace", "ml"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# ")
+    kinds = [d["kind"] for d in yaml.safe_load_all(out)]
+    assert kinds == ["ConfigMap", "Job", "PersistentVolumeClaim"]
+    assert all(d["metadata"]["namespace"] == "ml" for d in yaml.safe_load_all(out))
+
+
+def test_a_name_too_long_for_a_job_is_refused(tmp_path):
+    with pytest.raises(UserError, match="metadata.name"):
+        rendered(seed_workspace(tmp_path, name="x" * 60))
+
+
+def test_render_is_deterministic(tmp_path):
+    path = seed_workspace(tmp_path)
+    first = render(plan_job(path, for_cluster=True), RenderOptions()).to_yaml()
+    assert render(plan_job(path, for_cluster=True), RenderOptions()).to_yaml() == first
