@@ -216,7 +216,7 @@ def test_unreadable_file_says_so_rather_than_corrupt(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(readers, "open", denied, raising=False)
-    with pytest.raises(UserError, match=rf"^{path}: cannot read the file \(Permission denied\)$"):
+    with pytest.raises(UserError, match=rf"^{path}: cannot read the file \(Permission denied\); make it readable"):
         read(path)
 
 
@@ -253,7 +253,7 @@ def test_directory_without_dataset_files(tmp_path):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(UserError, match=r"nowhere.jsonl: dataset path not found$"):
+    with pytest.raises(UserError, match=r"nowhere.jsonl: dataset path not found; create it"):
         dataset_files([tmp_path / "nowhere.jsonl"])
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import yaml
 from registry_support import skopeo, skopeo_auth_args

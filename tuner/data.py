@@ -210,7 +210,9 @@ class _Tally:
         self.truncated_tokens += encoded.truncated_tokens
 
     def stats(self, max_length: int, long_rows: str, train_rows: int, eval_rows: int) -> DataStats:
-        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(1, dtype=np.int32)
+        lengths = np.concatenate([np.zeros(0, dtype=np.int32), *self.lengths])
+        if not lengths.size:  # every row was dropped: the report still prints, the caller refuses the job
+            lengths = np.zeros(1, dtype=np.int32)
         return DataStats(
             files=self.files, rows_read=sum(f.rows for f in self.files), rows_kept=self.kept, dropped=self.dropped,
             tokens=self.tokens, label_tokens=self.label_tokens, max_length=max_length, long_row_policy=long_rows,

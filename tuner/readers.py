@@ -101,7 +101,8 @@ def dataset_files(paths: Iterable[Path]) -> list[Path]:
             _checked_kind(path)
             files.append(path)
         else:
-            raise UserError("dataset path not found", where=str(path))
+            raise UserError("dataset path not found", where=str(path),
+                            fix="create it, or correct the path (relative paths start at the Workspace file)")
     return files
 
 
@@ -110,9 +111,11 @@ def _corrupt_is_user_error(path: Path, suffix: str) -> Iterator[None]:
     try:
         yield
     except PermissionError as e:
-        raise UserError(f"cannot read the file ({e.strerror})", where=str(path)) from None
+        raise UserError(f"cannot read the file ({e.strerror})", where=str(path),
+                        fix="make it readable by the user tuner runs as") from None
     except _CORRUPT as e:
-        raise UserError(f"the {suffix.lstrip('.')} file is truncated or corrupt ({e})", where=str(path)) from None
+        raise UserError(f"the {suffix.lstrip('.')} file is truncated or corrupt ({str(e).splitlines()[0][:160]})",
+                        where=str(path), fix=f"re-create or re-upload it as a complete {KINDS} file") from None
 
 
 @contextmanager

@@ -176,9 +176,13 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return f"{loc}: unknown field; remove it or check its spelling"
     if kind == "missing":
-        return f"{loc}: required field is missing"
+        return f"{loc}: required field is missing; add it (see the Kaito Workspace examples)"
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"{loc}: {error['input']!r} is not allowed; use {expected}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{loc}: {message}" if loc else message
+    if kind == "value_error":  # one of tuner's own rules: the message states it
+        fix = "change the Workspace to follow that rule"
+    else:  # a wrong type or range: pydantic's message says what is expected
+        fix = f"change the value ({error.get('input')!r} was given)"
+    return f"{loc}: {message}; {fix}" if loc else f"{message}; {fix}"

@@ -127,7 +127,8 @@ def build_config(method: str, user: dict[str, Any] | None = None) -> TrainingCon
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise UserError("must be a mapping of keys to values", where=f"training_config.{name}")
+            raise UserError("must be a mapping of keys to values", where=f"training_config.{name}",
+                            fix="write it as `key: value` lines under the section name")
         if name == "TokenizerParams":  # older Kaito templates; max_length is the only one that matters
             _check_keys(name, values, _TOKENIZER_KEYS)
             if "max_length" in values:
@@ -196,7 +197,8 @@ def _check_values(config: TrainingConfig) -> None:
                         where="training_config.TrainingArguments.max_length")
     rank = config.lora.get("r")
     if not isinstance(rank, int) or rank < 1:
-        raise UserError(f"{rank!r} must be a positive integer", where="training_config.LoraConfig.r")
+        raise UserError(f"{rank!r} must be a positive integer", where="training_config.LoraConfig.r",
+                        fix="use a LoRA rank such as 8, 16 or 64")
 
 
 def _check_keys(section: str, values: dict[str, Any], known: set[str]) -> None:

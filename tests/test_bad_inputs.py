@@ -1,0 +1,106 @@
+"""The bad-input corpus (tests/bad_inputs/*.yaml): every case ends with exactly one `error: ...`
+line that names the field, file or row and says how to fix it, exit code 2, no traceback, and
+nothing in the work directory is deleted.
+
+A case file holds `expect` (text the error line must contain) and what to vary from a good job:
+`patch` (top-level Workspace keys), `tuning` (tuning keys), `workspace_text` (a raw Workspace),
+`config` (training_config sections) or `config_text` (a raw config file), `files` (served over
+HTTP at `{base}/NAME`: text, `{latin1: text}` or `{truncated_parquet: true}`), `allow_private`
+(default true, for the loopback server) and `no_config` (run without `--config`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tuner import cli
+
+CASES = sorted((Path(__file__).parent / "bad_inputs").glob("*.yaml"))
+GOOD_ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def test_the_corpus_has_at_least_forty_cases():
+    assert len(CASES) >= 40
+
+
+def _file_bytes(spec: str | dict) -> bytes:
+    if isinstance(spec, str):
+        return spec.encode()
+    if "latin1" in spec:
+        return spec["latin1"].encode("latin-1")
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"messages": [json.dumps(GOOD_ROW)] * 50}), buffer)
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+def _fill(value, base: str):
+    """Replace `{base}` in every string of a YAML value."""
+    if isinstance(value, str):
+        return value.replace("{base}", base)
+    if isinstance(value, list):
+        return [_fill(v, base) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, base) for k, v in value.items()}
+    return value
+
+
+def _write_case(case: dict, tmp_path: Path, base: str, served: Path, model_dir: Path) -> list[str]:
+    """Write the case's Workspace, config and data; return the `tuner run` arguments."""
+    (served / "data.jsonl").write_text(json.dumps(GOOD_ROW) + "\n")
+    for name, spec in case.get("files", {}).items():
+        (served / name).write_bytes(_file_bytes(spec))
+    workspace = tmp_path / "workspace.yaml"
+    if "workspace_text" in case:
+        workspace.write_text(case["workspace_text"])
+    else:
+        doc = {"apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": "bad"},
+               "resource": {"instanceType": "Standard_NC6s_v3"},
+               "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": "lora",
+                          "input": {"urls": [f"{base}/data.jsonl"]},
+                          "output": {"volumeSource": {"hostPath": {"path": "out"}}}}}
+        doc |= _fill(case.get("patch", {}), base)
+        if "tuning" in doc:
+            doc["tuning"] |= _fill(case.get("tuning", {}), base)
+        workspace.write_text(yaml.safe_dump(doc))
+    config = tmp_path / "config.yaml"
+    if "config_text" in case:
+        config.write_text(case["config_text"])
+    else:
+        sections = {"ModelConfig": {"pretrained_model_name_or_path": str(model_dir)},
+                    "TrainingArguments": {"max_steps": 1, "max_length": 64}}
+        for name, values in case.get("config", {}).items():
+            sections[name] = values if not isinstance(values, dict) else sections.get(name, {}) | values
+        config.write_text(yaml.safe_dump({"training_config": sections}))
+    argv = ["run", str(workspace), "--work-dir", str(tmp_path / "work")]
+    if not case.get("no_config"):
+        argv += ["--config", str(config)]
+    if case.get("allow_private", True):
+        argv.append("--allow-private-urls")
+    return argv
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_bad_input_fails_with_one_clear_line(path, tmp_path, http_server, tiny_model_dir, capsys):
+    case = yaml.safe_load(path.read_text())
+    served, base = http_server
+    argv = _write_case(case, tmp_path, base, served, tiny_model_dir)
+    keep = tmp_path / "work" / "finished-before.txt"
+    keep.parent.mkdir()
+    keep.write_text("finished work")
+
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert case["expect"] in lines[0]
+    assert "; " in lines[0]  # the problem, then how to fix it
+    assert keep.read_text() == "finished work"
