@@ -1,22 +1,51 @@
-"""Bring the tuning inputs into the work directory: URLs downloaded, volume paths listed."""
+"""Bring the tuning inputs into the work directory: URLs downloaded, volume paths listed.
+
+URL downloads:
+
+- Status retries: 429/500/502/503/504 and errors before the response (connect, read timeouts) are
+  retried `_RETRIES` times with exponential backoff (`_BACKOFF` seconds, doubling).
+- Resume: a body cut mid-transfer continues with `Range: bytes=N-` (and `If-Range` with the ETag or
+  Last-Modified when the server gave one), at most `_RESUMES` times; a server that answers the
+  range with 200 is read again from byte 0. A `.part` a killed run left resumes the same way.
+- 4xx, and an HTML page instead of data, fail at once with the status and the redacted URL
+  (no userinfo, no query string).
+- Size limit: `TUNER_MAX_DOWNLOAD_BYTES` (default 200 GiB), checked against Content-Length before
+  the body and while streaming.
+- `#sha256=<hex>` at the end of a URL is checked against the file and never sent to the server.
+- Private URLs: `TUNER_URL_HEADERS_FILE` names a JSON file (mounted from a Secret) mapping a host to
+  the headers sent to it, `{"data.example.com": {"Authorization": "Bearer ..."}}`; a `host:port` key
+  matches that port only. Headers go to that host alone, never to a redirect elsewhere, and are
+  never logged. Redirects are followed here, each hop address-checked like the URL itself.
+- A finished download is recorded in a sidecar (`.NNN-name.fetch.json`: a hash of the URL, the
+  file, its sha256 and size); a re-run with the file still there makes no request.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
+import os
+import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 from tuner import events
 from tuner.errors import UserError
-from tuner.registry import RegistryOptions
 from tuner.readers import COMPRESSIONS, SUPPORTED_SUFFIXES, dataset_files
+from tuner.registry import RegistryOptions
 from tuner.spec import DataSource, local_host_path
 
 _CHUNK = 1 << 20
 _TIMEOUT = (10, 60)  # connect, read (seconds)
+_RETRIES = 5  # per request, for retryable statuses and errors before the response
+_RESUMES = 10  # Range requests after cuts mid-body, per file
+_BACKOFF = 0.5  # seconds, doubled per retry
+_REDIRECTS = 10
+_MAX_BYTES = 200 << 30  # per file, unless TUNER_MAX_DOWNLOAD_BYTES says otherwise
 
 
 @dataclass(frozen=True)
@@ -69,37 +98,229 @@ def _volume_files(volume: dict, base_dir: Path) -> list[InputFile]:
 
 
 def _download(url: str, dest: Path, index: int, allow_private: bool) -> InputFile:
+    """Download one URL into `dest` (or reuse the copy a finished earlier run left there)."""
     where = f"tuning.input.urls[{index}]"
+    url, expected = _split_sha256(url, where)
+    stem = f"{index:03d}-{Path(unquote(urlsplit(url).path)).name or 'data'}"
+    record = dest / f".{stem}.fetch.json"
+    url_id = hashlib.sha256(url.encode()).hexdigest()
+    done = _read_record(record)
+    if done.get("url") == url_id and done.get("state") == "done" and expected in (None, done["sha256"]):
+        target = dest / done["file"]
+        if target.is_file() and target.stat().st_size == done["size"]:
+            events.info(f"fetch: {_redact(url)} -> {target.name} (fetched earlier, sha256 {done['sha256'][:12]})")
+            return InputFile(target, _redact(url), done["sha256"], done["size"])
     if not allow_private:
         _check_resolved_addresses(url, where)
-    name = Path(unquote(urlsplit(url).path)).name or "data"
-    target = dest / f"{index:03d}-{name}"
-    session = _session()
-    digest = hashlib.sha256()
-    size = 0
-    partial = target.with_name(target.name + ".part")
-    try:
-        with session.get(url, stream=True, timeout=_TIMEOUT, allow_redirects=True) as response:
-            if response.status_code >= 400:
-                raise UserError(f"{_redact(url)} answered HTTP {response.status_code}", where=where,
-                                fix="check the URL and that the file is public or its credentials are set")
-            if "text/html" in response.headers.get("Content-Type", ""):
-                raise UserError(f"{_redact(url)} returned an HTML page, not a dataset file", where=where,
-                                fix="use the file's direct download URL")
-            with partial.open("wb") as out:
-                for chunk in response.iter_content(_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-    except UserError:
-        raise
-    except Exception as exc:  # requests wraps socket, TLS and retry errors in many types
-        raise UserError(f"cannot download {_redact(url)}: {type(exc).__name__}", where=where,
-                        fix="check the URL and the network") from None
-    target = _with_data_suffix(target, partial)
+    partial = dest / f"{stem}.part"
+    sha256, size = _transfer(url, partial, record, url_id, where, allow_private)
+    if expected is not None and sha256 != expected:
+        _discard(partial, record)
+        raise UserError(f"{_redact(url)} has sha256 {sha256}, not the {expected} its #sha256= names",
+                        where=where, fix="check that the URL serves the intended file, or correct the #sha256=")
+    target = _with_data_suffix(dest / stem, partial)
     partial.replace(target)
-    events.info(f"fetch: {_redact(url)} -> {target.name} ({size:,} bytes, sha256 {digest.hexdigest()[:12]})")
-    return InputFile(target, _redact(url), digest.hexdigest(), size)
+    _write_record(record, {"url": url_id, "state": "done", "file": target.name, "sha256": sha256, "size": size})
+    events.info(f"fetch: {_redact(url)} -> {target.name} ({size:,} bytes, sha256 {sha256[:12]})")
+    return InputFile(target, _redact(url), sha256, size)
+
+
+def _transfer(url: str, partial: Path, record: Path, url_id: str, where: str,
+              allow_private: bool) -> tuple[str, int]:
+    """Stream `url` into `partial`, resuming with a Range request after a cut; (sha256, size)."""
+    import requests
+    import urllib3
+
+    state = _read_record(record)
+    resumable = state.get("url") == url_id and state.get("state") == "partial" and partial.is_file()
+    validator: str | None = state.get("validator") if resumable else None
+    offset = partial.stat().st_size if resumable else 0
+    digest = _sha256_of(partial) if offset else hashlib.sha256()
+    limit = _max_bytes()
+    session = _session()
+    cuts = 0
+    while True:
+        headers = {"Accept-Encoding": "identity"}  # Range offsets count the bytes as stored
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if validator:
+                headers["If-Range"] = validator
+        receiving = False
+        try:
+            with _get(session, url, headers, where, allow_private) as response:
+                if response.status_code == 416 and offset:  # e.g. a run killed before renaming the .part
+                    partial.unlink()
+                    offset, validator = 0, None
+                    continue
+                offset = _start(response, url, partial, record, offset, limit, where)
+                if offset == 0:
+                    digest = hashlib.sha256()
+                    validator = _validator(response)
+                    _write_record(record, {"url": url_id, "state": "partial", "validator": validator})
+                receiving = True
+                with partial.open("ab") as out:
+                    # Raw bytes as they arrive: a read that waits for a full chunk loses what it
+                    # had when the connection is cut or times out.
+                    while chunk := response.raw.read1(_CHUNK, decode_content=False):
+                        if offset == 0 and _looks_like_html(chunk):
+                            _discard(partial, record)
+                            raise _html_error(url, where)
+                        offset += len(chunk)
+                        if offset > limit:
+                            _discard(partial, record)
+                            raise _limit_error(url, limit, where)
+                        out.write(chunk)
+                        digest.update(chunk)
+            return digest.hexdigest(), offset
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            # Before the body, urllib3's Retry has already retried; a cut body resumes from `offset`.
+            cuts += 1
+            if not receiving or cuts > _RESUMES:
+                raise UserError(f"cannot download {_redact(url)}: {type(exc).__name__}"
+                                + (f" after {cuts} cut(s)" if receiving else ""), where=where,
+                                fix="check the URL and the network; a re-run resumes the download") from None
+            events.info(f"fetch: {_redact(url)} cut after {offset:,} bytes ({type(exc).__name__}); resuming")
+            time.sleep(_BACKOFF * 2 ** min(cuts - 1, 6))
+
+
+def _get(session, url: str, headers: dict[str, str], where: str, allow_private: bool):
+    """GET `url`, following redirects here so each hop is address-checked and host headers stay
+    with their host."""
+    current = url
+    for _ in range(_REDIRECTS + 1):
+        response = session.get(current, headers={**_host_headers(current), **headers}, stream=True,
+                               timeout=_TIMEOUT, allow_redirects=False)
+        if not response.is_redirect:
+            return response
+        location = urljoin(current, response.headers["Location"])
+        response.close()
+        if urlsplit(location).scheme not in ("http", "https"):
+            raise UserError(f"{_redact(url)} redirects to a non-HTTP URL", where=where, fix="use a direct URL")
+        if not allow_private:
+            _check_resolved_addresses(location, where)
+        current = location
+    raise UserError(f"{_redact(url)} redirects more than {_REDIRECTS} times", where=where, fix="use a direct URL")
+
+
+def _start(response, url: str, partial: Path, record: Path, offset: int, limit: int, where: str) -> int:
+    """Check a response before its body; the offset its body starts at (0: `partial` was emptied)."""
+    status = response.status_code
+    if status not in (200, 206):
+        fix = ("check the URL, and the credentials in TUNER_URL_HEADERS_FILE for a private one"
+               if status in (401, 403) else "check the URL and that the file is public or its credentials are set")
+        raise UserError(f"{_redact(url)} answered HTTP {status}", where=where, fix=fix)
+    if "text/html" in response.headers.get("Content-Type", ""):
+        _discard(partial, record)
+        raise _html_error(url, where)
+    resumed = status == 206 and offset > 0 and _range_start(response.headers.get("Content-Range", "")) == offset
+    if status == 206 and not resumed:
+        raise UserError(f"{_redact(url)} answered a range that was not asked for", where=where,
+                        fix="check the server's Range support")
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and (offset if resumed else 0) + int(length) > limit:
+        _discard(partial, record)
+        raise _limit_error(url, limit, where)
+    if resumed:
+        return offset
+    partial.unlink(missing_ok=True)  # the server ignored the Range (or none was sent): start over
+    return 0
+
+
+def _range_start(content_range: str) -> int | None:
+    """The first byte of `Content-Range: bytes FIRST-LAST/TOTAL`."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", content_range.strip())
+    return int(match.group(1)) if match else None
+
+
+def _validator(response) -> str | None:
+    """What If-Range can name to resume only the same file: a strong ETag, else Last-Modified."""
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _looks_like_html(head: bytes) -> bool:
+    return head[:64].lstrip().lower().startswith((b"<!doctype html", b"<html"))
+
+
+def _html_error(url: str, where: str) -> UserError:
+    return UserError(f"{_redact(url)} returned an HTML page, not a dataset file", where=where,
+                     fix="use the file's direct download URL (a login or preview page is HTML)")
+
+
+def _limit_error(url: str, limit: int, where: str) -> UserError:
+    return UserError(f"{_redact(url)} is larger than the download limit of {limit:,} bytes", where=where,
+                     fix="raise TUNER_MAX_DOWNLOAD_BYTES, or check the URL")
+
+
+def _max_bytes() -> int:
+    value = os.environ.get("TUNER_MAX_DOWNLOAD_BYTES", "").strip()
+    if not value:
+        return _MAX_BYTES
+    if not value.isdigit():
+        raise UserError(f"TUNER_MAX_DOWNLOAD_BYTES={value!r} is not a byte count", fix="set a whole number of bytes")
+    return int(value)
+
+
+def _split_sha256(url: str, where: str) -> tuple[str, str | None]:
+    """The URL without its fragment (never sent), and the sha256 a `#sha256=HEX` fragment names."""
+    url, fragment = urldefrag(url)
+    if not fragment:
+        return url, None
+    match = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", fragment)
+    if not match:
+        raise UserError(f"{_redact(url)}: the URL's #fragment is not #sha256=<64 hex digits>", where=where,
+                        fix="write the expected digest as #sha256=<hex>, or drop the fragment")
+    return url, match.group(1).lower()
+
+
+def _host_headers(url: str) -> dict[str, str]:
+    """The TUNER_URL_HEADERS_FILE headers for this URL's host (`host:port` first, then `host`)."""
+    headers = _url_headers()
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.port and f"{host}:{parts.port}" in headers:
+        return headers[f"{host}:{parts.port}"]
+    return headers.get(host, {})
+
+
+def _url_headers() -> dict[str, dict[str, str]]:
+    path = os.environ.get("TUNER_URL_HEADERS_FILE")
+    if not path:
+        return {}
+    fix = 'write JSON like {"data.example.com": {"Authorization": "Bearer ..."}}'
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}", where="TUNER_URL_HEADERS_FILE", fix=fix) from None
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON", where="TUNER_URL_HEADERS_FILE", fix=fix) from None
+    if not (isinstance(loaded, dict) and all(
+            isinstance(h, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in h.items())
+            for h in loaded.values())):
+        raise UserError(f"{path} must map each host to an object of header names and values",
+                        where="TUNER_URL_HEADERS_FILE", fix=fix)
+    return {host.lower(): headers for host, headers in loaded.items()}
+
+
+def _read_record(record: Path) -> dict:
+    try:
+        loaded = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _write_record(record: Path, content: dict) -> None:
+    partial = record.with_name(record.name + ".tmp")
+    partial.write_text(json.dumps(content) + "\n")
+    partial.replace(record)
+
+
+def _discard(partial: Path, record: Path) -> None:
+    partial.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
 
 
 def _with_data_suffix(target: Path, content: Path) -> Path:
@@ -136,7 +357,7 @@ def _session():
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
-    retry = Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
+    retry = Retry(total=_RETRIES, backoff_factor=_BACKOFF, status_forcelist=(429, 500, 502, 503, 504),
                   allowed_methods=frozenset({"GET"}), raise_on_status=False)
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=retry))
@@ -148,15 +369,22 @@ def _redact(url: str) -> str:
     """Drop credentials and the query string (it often carries tokens) from a URL for logs."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
     if parts.port:
         host += f":{parts.port}"
     return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
 
 
 def _sha256(path: Path) -> str:
+    return _sha256_of(path).hexdigest()
+
+
+def _sha256_of(path: Path):
+    """A sha256 object fed with the file's bytes (to go on hashing what is appended)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest
 
