@@ -168,6 +168,17 @@ def test_input_image_pull_secret_reaches_the_fetch_container(tmp_path):
     assert any(m["name"] == "pull-secret" and m["readOnly"] for m in fetch["volumeMounts"])
 
 
+def test_url_headers_secret_reaches_only_the_fetch_container(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path), url_headers_secret="dataset-auth")
+    volume = next(v for v in pod(manifests)["volumes"] if v["name"] == "url-headers")
+    assert volume["secret"]["secretName"] == "dataset-auth"
+    fetch = container(manifests, "fetch")
+    assert {"name": "TUNER_URL_HEADERS_FILE", "value": "/etc/tuner/url-headers/headers.json"} in fetch["env"]
+    assert all(m["name"] != "url-headers" for m in container(manifests)["volumeMounts"])
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(manifests["Job"], version, strict=True)
+
+
 def test_security_context_is_locked_down(tmp_path):
     manifests = rendered(seed_workspace(tmp_path))
     security = pod(manifests)["securityContext"]

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--gpus", type=int, metavar="N", help="GPUs per node, for an instance type tuner does not know")
         sub.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU in GiB, likewise")
         sub.add_argument("--backoff-limit", type=int, default=3, help="retries after failures (default 3)")
+        sub.add_argument("--url-headers-secret", metavar="SECRET",
+                         help="Secret whose key headers.json holds HTTP headers per dataset host "
+                              '({"host": {"Authorization": "..."}}), mounted for the fetch container')
         sub.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                          help="let the Job push to this registry over plain HTTP (repeatable)")
 
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: ./tuner-work/<workspace name>)")
     run.add_argument("--skip-fetch", action="store_true",
                      help="use the inputs `tuner fetch` left in the work directory instead of fetching them")
+    run.add_argument("--restart", action="store_true",
+                     help="delete the work directory's checkpoints (and ignore a finished adapter) and train "
+                          "from the start; without it a run resumes from the latest checkpoint of the same job")
     fetch = commands.add_parser("fetch", help="only fetch the inputs into WORKDIR/inputs (the Job's init container)")
     fetch.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
     fetch.add_argument("--work-dir", type=Path, help="the work directory `tuner run` will use "
@@ -124,7 +130,7 @@ def _render(args: argparse.Namespace):
         namespace=args.namespace, image=args.image or DEFAULT_IMAGE, resume=not args.no_resume,
         work_pvc=args.work_pvc, storage_class=args.storage_class, storage_size=args.storage_size, gpus=args.gpus,
         gpu_memory_gib=args.gpu_memory, backoff_limit=args.backoff_limit,
-        insecure_registries=tuple(args.insecure_registry)))
+        insecure_registries=tuple(args.insecure_registry), url_headers_secret=args.url_headers_secret))
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -250,7 +256,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ok: {plan.workspace.metadata.name}: {plan.workspace.tuning.method} on {plan.preset.name}, "
               f"config {plan.config.digest()[:19]}")
         return EXIT_OK
-    run_job(plan, skip_fetch=args.skip_fetch)
+    run_job(plan, skip_fetch=args.skip_fetch, restart=args.restart)
     return EXIT_OK
 
 

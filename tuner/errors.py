@@ -8,6 +8,7 @@ internal fault and exits with `EXIT_INTERNAL`.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # stopped on SIGTERM after saving a checkpoint: retry the job, it resumes
 
 
 class UserError(Exception):

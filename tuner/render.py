@@ -31,6 +31,7 @@ INPUT_MOUNT = "/mnt/input"
 OUTPUT_MOUNT = "/mnt/output"
 PUSH_SECRET_DIR = f"{CONFIG_DIR}/push-secret"
 PULL_SECRET_DIR = f"{CONFIG_DIR}/pull-secret"
+URL_HEADERS_DIR = f"{CONFIG_DIR}/url-headers"
 RENDEZVOUS_PORT = 29500
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _JOB_NAME_LIMIT = 63 - len("-tuning") - 6  # pod hostnames add "-<index>-xxxxx"; labels cap at 63
@@ -52,6 +53,7 @@ class RenderOptions:
     ttl_seconds: int = 7 * 24 * 3600
     grace_seconds: int = 600  # time to save a checkpoint after SIGTERM
     insecure_registries: tuple[str, ...] = ()
+    url_headers_secret: str | None = None  # a Secret with key headers.json: HTTP headers per dataset host
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,10 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
         resources={"limits": {"nvidia.com/gpu": sku.gpu_count}} if sku.gpu_count else {},
         fetch_mounts=fetch_mounts, run_mounts=run_mounts, volumes=volumes, rendezvous_port=RENDEZVOUS_PORT)
     # The fetch container also needs NODE_RANK for its per-node work directory.
-    job["spec"]["template"]["spec"]["initContainers"][0]["env"] = [e for e in env if e["name"] == "NODE_RANK"]
+    fetch_env = [e for e in env if e["name"] == "NODE_RANK"]
+    if options.url_headers_secret:
+        fetch_env.append({"name": "TUNER_URL_HEADERS_FILE", "value": f"{URL_HEADERS_DIR}/headers.json"})
+    job["spec"]["template"]["spec"]["initContainers"][0]["env"] = fetch_env
     manifests.append(job)
     if options.resume and not options.work_pvc:
         manifests.append(_template("pvc.yaml", name=f"{job_name}-work", **common,
@@ -183,6 +188,11 @@ def _volumes(plan: JobPlan, options: RenderOptions, job_name: str,
     if tuning.input.image and tuning.input.image_pull_secrets:
         volumes.append(_docker_config_volume("pull-secret", tuning.input.image_pull_secrets[0]))
         fetch_mounts.append({"name": "pull-secret", "mountPath": PULL_SECRET_DIR, "readOnly": True})
+    if options.url_headers_secret:
+        volumes.append({"name": "url-headers", "secret": {"secretName": options.url_headers_secret,
+                                                          "defaultMode": 0o440,
+                                                          "items": [{"key": "headers.json", "path": "headers.json"}]}})
+        fetch_mounts.append({"name": "url-headers", "mountPath": URL_HEADERS_DIR, "readOnly": True})
     if tuning.output.volume_source:
         volumes.append({"name": "output", **tuning.output.volume_source})
         run_mounts.append({"name": "output", "mountPath": OUTPUT_MOUNT})

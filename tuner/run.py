@@ -108,10 +108,13 @@ def fetch_job(workspace_path: Path, *, work_dir: Path | None = None, allow_priva
     return work_dir / INPUTS_DIR / FETCHED_MARKER, inputs
 
 
-def run_job(plan: JobPlan, *, skip_fetch: bool = False) -> dict | None:
+def run_job(plan: JobPlan, *, skip_fetch: bool = False, restart: bool = False) -> dict | None:
     """Run every stage; return the summary that is also written next to the adapter.
 
-    `skip_fetch` uses the inputs `tuner fetch` left in the work directory. Under torchrun each
+    `skip_fetch` uses the inputs `tuner fetch` left in the work directory. Training resumes from
+    the latest complete checkpoint of the same job in WORK/checkpoints (`restart`: delete them and
+    start over) and is skipped when WORK/adapter already holds this job's finished adapter; on
+    SIGTERM it saves a checkpoint and exits with EXIT_PREEMPTED (143), writing no adapter. Under torchrun each
     node's local rank 0 fetches and prepares the data while the node's other ranks wait, every rank
     trains, and only rank 0 logs progress, writes the adapter and publishes it (the others return None).
     """
@@ -121,13 +124,12 @@ def run_job(plan: JobPlan, *, skip_fetch: bool = False) -> dict | None:
                     "then training; rank 0 logs the progress")
     timeout = timedelta(seconds=int(plan.config.training_arguments.get("ddp_timeout", DEFAULT_DDP_TIMEOUT)))
     with distributed.process_group(ranks, timeout), distributed.quiet_unless_main(ranks):
-        return _run_stages(plan, ranks, skip_fetch)
+        return _run_stages(plan, ranks, skip_fetch, restart)
 
 
-def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool) -> dict | None:
+def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, restart: bool = False) -> dict | None:
     from tuner import train
-    from tuner.oci import RegistryTarget
-    from tuner.publish import ADAPTER_DIR, SUMMARY_FILE, publish
+    from tuner.publish import ADAPTER_DIR, SUMMARY_FILE
 
     tuning = plan.workspace.tuning
     started = _now()
@@ -139,8 +141,9 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool) -> di
         if plan.config.dataset.get(key):
             events.warn(f"DatasetConfig.{key} is not applied: tuner reads every dataset file of tuning.input")
     prepared_dir = plan.work_dir / "prepared"
+    adapter_dir = plan.work_dir / ADAPTER_DIR
 
-    def lead() -> tuple[tuple[Path, object, PreparedData], tuple[list[InputFile], DataStats]]:
+    def lead() -> tuple[tuple[Path, object, PreparedData], tuple[list[InputFile], DataStats, bool]]:
         with _stage("fetch", stages):
             if skip_fetch:
                 inputs = _fetched_inputs(tuning.input, plan.work_dir)
@@ -158,29 +161,82 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool) -> di
                             fix="check the dataset's format and the dropped-row reasons above")
         if ranks.distributed:
             _save_split(prepared, prepared_dir)
-        return (model_dir, tokenizer, prepared), (inputs, prepared.stats)
+        finished = not restart and _finished_summary(plan.work_dir, adapter_dir,
+                                                     _job_identity(plan, inputs, prepared)) is not None
+        return (model_dir, tokenizer, prepared), (inputs, prepared.stats, finished)
 
     kept, shared = distributed.leader_first(ranks, lead)
-    if len({tuple(f.sha256 for f in files) for files, _ in shared.values()}) > 1:
+    if len({tuple(f.sha256 for f in files) for files, _, _ in shared.values()}) > 1:
         raise UserError("the nodes fetched different dataset files (their sha256s differ)", where="tuning.input",
                         fix="give every node the same, unchanging files")
-    inputs, stats = shared[ranks.node_leader]
+    inputs, stats, _ = shared[ranks.node_leader]
+    finished = shared[0][2]  # what rank 0's work dir holds decides for every rank
     if kept is None:  # the node's leader has fetched and prepared: load its work
         model_dir, tokenizer = _load_model(plan)
         prepared = _load_prepared(prepared_dir, stats)
     else:
         model_dir, tokenizer, prepared = kept
-    adapter_dir = plan.work_dir / ADAPTER_DIR
+    identity = _job_identity(plan, inputs, prepared)
+    result_file = plan.work_dir / "result.json"
+    if finished:
+        if not ranks.is_main:
+            return None
+        summary = _finished_summary(plan.work_dir, adapter_dir, identity)
+        events.info(f"train: skipped: this job finished before (trained {summary['finished']}); "
+                    f"its adapter is in {adapter_dir}, its summary in {result_file} (--restart trains again)")
+        _package(plan, summary, adapter_dir, result_file, stages)
+        events.info(f"done: nothing trained; adapter in {adapter_dir}")
+        return summary
+    if restart and ranks.is_main:  # the old adapter no longer counts as this job's finished one
+        for stale in (adapter_dir / SUMMARY_FILE, result_file):
+            stale.unlink(missing_ok=True)
     with _stage("train", stages):
         result = train.train(model_dir, tokenizer, prepared, plan.config, plan.preset, plan.work_dir, adapter_dir,
-                             plan.max_length)
+                             plan.max_length, identity=identity, restart=restart)
     if not ranks.is_main:
         return None
 
     summary = _summary(plan, inputs, stats, result, stages, started, ranks.world_size)
+    summary["job"] = identity
     (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    result_file = plan.work_dir / "result.json"
     result_file.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    _package(plan, summary, adapter_dir, result_file, stages)
+    events.info(f"done: train loss {result.train_loss:.4f}"
+                + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+                + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; adapter in {adapter_dir}")
+    return summary
+
+
+def _job_identity(plan: JobPlan, inputs: list[InputFile], prepared: PreparedData) -> dict:
+    from tuner.checkpoints import job_identity
+
+    return job_identity(config_digest=plan.config.digest(), preset=plan.preset.name,
+                        method=plan.workspace.tuning.method, datasets=[f.sha256 for f in inputs],
+                        train_rows=len(prepared.train), eval_rows=len(prepared.eval))
+
+
+def _finished_summary(work_dir: Path, adapter_dir: Path, identity: dict) -> dict | None:
+    """The summary of this job's finished run in `work_dir`, if its adapter is complete (else None).
+
+    The summary is written into the adapter folder after the adapter's files: it marks it complete.
+    """
+    from tuner.publish import SUMMARY_FILE
+
+    try:
+        summary = json.loads((adapter_dir / SUMMARY_FILE).read_text())
+        json.loads((work_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("job") != identity or not (adapter_dir / "adapter_model.safetensors").is_file():
+        return None
+    return summary
+
+
+def _package(plan: JobPlan, summary: dict, adapter_dir: Path, result_file: Path, stages: dict[str, float]) -> None:
+    """Copy the adapter to the output volume, or publish it as an image; record that in result.json."""
+    from tuner.oci import RegistryTarget
+    from tuner.publish import publish
+
     with _stage("package", stages):
         if isinstance(plan.output, Path):
             plan.output.mkdir(parents=True, exist_ok=True)
@@ -194,10 +250,6 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool) -> di
             published = publish(plan.work_dir, reference, plan.registry)
             summary["image"] = {"reference": reference, "digest": published.digest}
     result_file.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    events.info(f"done: train loss {result.train_loss:.4f}"
-                + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-                + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; adapter in {adapter_dir}")
-    return summary
 
 
 def _fetch(source: DataSource, workspace_path: Path, work_dir: Path, allow_private_urls: bool,

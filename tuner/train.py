@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback, Trainer,
                           TrainerCallback, TrainingArguments)
 
-from tuner import distributed, events
+from tuner import checkpoints, distributed, events
 from tuner.data import PreparedData
 from tuner.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
 from tuner.errors import UserError
@@ -41,6 +42,9 @@ class TrainResult:
     precision: str
     trainable_parameters: int
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int = 0  # 0: a fresh start
+    checkpoints_saved: int = 0  # by this process
+    checkpoint_seconds: float = 0.0  # spent saving them (part of `seconds`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -64,10 +68,15 @@ def load_tokenizer(model_dir: Path, config: TrainingConfig):
 
 
 def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
-          work_dir: Path, adapter_dir: Path, max_length: int) -> TrainResult:
+          work_dir: Path, adapter_dir: Path, max_length: int, *, identity: dict[str, Any] | None = None,
+          restart: bool = False) -> TrainResult:
     """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`.
 
-    Under torchrun every rank calls this; only rank 0 saves.
+    Checkpoints go to WORK/checkpoints (see `tuner.checkpoints` for when). With an `identity`
+    (see `checkpoints.job_identity`), training resumes from the latest complete checkpoint of the
+    same job, refuses one of another job (UserError), or with `restart` deletes them first. On
+    SIGTERM it saves a checkpoint, stops and raises `checkpoints.Preempted` (exit 143) without
+    writing the adapter. Under torchrun every rank calls this; only rank 0 saves.
     """
     precision = choose_precision(config.model.get("torch_dtype"))
     if precision.reason:
@@ -76,28 +85,103 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     model = _add_lora(model, config, preset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set, eval_set, collator = _datasets(data, config, tokenizer, max_length)
-    args = _training_arguments(config, precision, work_dir / "checkpoints", has_eval=eval_set is not None,
+    checkpoint_dir = work_dir / checkpoints.CHECKPOINTS_DIR
+    args = _training_arguments(config, precision, checkpoint_dir, has_eval=eval_set is not None,
                                packed=isinstance(collator, PackingCollator))
+    resume = _resume_point(checkpoint_dir, identity, restart) if identity is not None else None
     progress = _ProgressLog()
+    stop = checkpoints.StopFlag()
+    saving = checkpoints.CheckpointCallback(checkpoint_dir, checkpoints.save_minutes(), stop)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, callbacks=[progress])
+                      data_collator=collator, callbacks=[progress, saving])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _ProgressLog writes the lines
+    _time_saves(trainer, saving)
+    resumed_from = 0
+    if resume is not None:
+        resumed_from = checkpoints.checkpoint_step(resume) or 0
+        total = _recorded_max_steps(resume)
+        events.info(f"resume: from {resume.name} (step {resumed_from} of {total if total else '?'})")
     started = time.monotonic()
-    output = trainer.train()
+    with checkpoints.sigterm_stops(stop):
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     seconds = time.monotonic() - started
+    state = trainer.state
+    if saving.saves:
+        events.info(f"checkpoints: {saving.saves} saved in {saving.save_seconds:.1f}s "
+                    f"({100 * saving.save_seconds / max(seconds, 1e-9):.1f}% of {seconds:.1f}s training) "
+                    f"in {checkpoint_dir}")
+    if saving.stopped_by_signal:
+        saved = checkpoint_dir / f"checkpoint-{state.global_step}"
+        events.info(f"preempted: stopped at step {state.global_step} of {state.max_steps}; {saved.name} saved; "
+                    f"exiting with {checkpoints.EXIT_PREEMPTED} so the job is retried and resumes from it")
+        raise checkpoints.Preempted(state.global_step, saved)
     eval_loss = trainer.evaluate()["eval_loss"] if len(data.eval) else None
     if trainer.is_world_process_zero():
         adapter_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
-    state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return TrainResult(
         steps=state.global_step, total_steps=state.max_steps, epochs=round(state.epoch or 0.0, 4),
         train_loss=output.training_loss, final_loss=losses[-1] if losses else None, eval_loss=eval_loss,
         tokens_seen=int(state.num_input_tokens_seen), seconds=seconds, precision=precision.name,
-        trainable_parameters=trainable, log_history=list(state.log_history),
+        trainable_parameters=trainable, log_history=list(state.log_history), resumed_from_step=resumed_from,
+        checkpoints_saved=saving.saves, checkpoint_seconds=round(saving.save_seconds, 3),
     )
+
+
+def _resume_point(folder: Path, identity: dict[str, Any], restart: bool) -> Path | None:
+    """The checkpoint to resume from, the same on every rank (None: start fresh).
+
+    Each node's local rank 0 checks and cleans the folder first; under torchrun, if the ranks
+    do not all see the same checkpoint (nodes with work dirs of their own), every rank starts over.
+    """
+    ranks = distributed.ranks_from_env()
+    if not ranks.distributed:
+        return checkpoints.prepare_resume(folder, identity, restart=restart)
+    import torch.distributed as dist
+
+    found: Path | None = None
+    error: str | None = None
+    try:
+        if ranks.is_node_leader:
+            found = checkpoints.prepare_resume(folder, identity, restart=restart)
+        dist.barrier()
+        if not ranks.is_node_leader:
+            found = checkpoints.prepare_resume(folder, identity, clean=False)
+    except UserError as exc:
+        error = str(exc)
+    choices: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(choices, (found.name if found else None, error))
+    errors = [e for _, e in choices if e]
+    if errors:
+        raise UserError(errors[0])
+    names = {name for name, _ in choices}
+    if len(names) > 1:
+        events.warn("resume: the ranks see different checkpoints (work dirs of their own?): starting over")
+        return None
+    return found
+
+
+def _recorded_max_steps(checkpoint: Path) -> int | None:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _time_saves(trainer: Trainer, saving: checkpoints.CheckpointCallback) -> None:
+    """Count the seconds the Trainer spends writing checkpoints (for the overhead line)."""
+    original = trainer._save_checkpoint
+
+    def timed(*args, **kwargs):
+        began = time.monotonic()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            saving.save_seconds += time.monotonic() - began
+
+    trainer._save_checkpoint = timed
 
 
 def _datasets(data: PreparedData, config: TrainingConfig, tokenizer, max_length: int):
@@ -165,6 +249,7 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
         include_num_input_tokens_seen="all" if packed else "non_padding", use_cpu=precision.device == "cpu",
         bf16=precision.mixed_bf16, fp16=precision.mixed_fp16,
     )
+    args.update(checkpoints.save_arguments(config.training_arguments))
     args.setdefault("logging_steps", DEFAULT_LOGGING_STEPS)
     args.setdefault("logging_first_step", True)
     if distributed.ranks_from_env().distributed:
@@ -216,9 +301,17 @@ class _ProgressLog(TrainerCallback):
 
     def __init__(self):
         self.started = 0.0
+        self.first_step: int | None = 0  # the step this process started from (a resumed run's is later)
+        self.first_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.monotonic()
+        self.first_step = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.first_step is None:  # a resumed run's state is loaded after on_train_begin
+            self.started = time.monotonic()
+            self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen
         events.info(f"train: {state.max_steps:,} steps, {args.num_train_epochs:g} epochs, "
                     f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation"
                     + (f" x {args.world_size} processes" if args.world_size > 1 else ""))
@@ -230,8 +323,9 @@ class _ProgressLog(TrainerCallback):
             return
         elapsed = time.monotonic() - self.started
         step, total = state.global_step, state.max_steps
-        rate = state.num_input_tokens_seen / elapsed if elapsed else 0.0
-        eta = elapsed / step * (total - step) if step else 0.0
+        rate = (state.num_input_tokens_seen - self.first_tokens) / elapsed if elapsed else 0.0
+        done = step - (self.first_step or 0)
+        eta = elapsed / done * (total - step) if done > 0 else 0.0
         events.info(
             f"step {step}/{total} ({100 * step // max(total, 1)}%) | epoch {state.epoch or 0:.2f} | "
             f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0.0):.1e} | "
