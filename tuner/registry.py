@@ -240,6 +240,11 @@ def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOption
     manifest_bytes, manifest = read_layout_manifest(source)
     client = RegistryClient(container.registry, options)
     deadline = time.monotonic() + options.retry_seconds
+    image_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    url = f"{client.prefix}://{container.manifest_url()}"
+    if _tag_points_at(client, url, manifest.get("mediaType", MANIFEST_MEDIA_TYPE), deadline) == image_digest:
+        events.info(f"push: {reference} already points at {image_digest}: nothing to upload")
+        return PushResult(reference, image_digest, 0, 1 + len(manifest["layers"]))
     uploaded, skipped = 0, 0
     for descriptor in [manifest["config"], *manifest["layers"]]:
         digest, size = descriptor["digest"], descriptor["size"]
@@ -255,14 +260,19 @@ def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOption
         uploaded += size
         events.info(f"push: {label} uploaded in {seconds:.1f}s ({size / seconds / 1e6:,.0f} MB/s)"
                     + ("" if response.status_code == 201 else f", HTTP {response.status_code}"))
-    digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
-    url = f"{client.prefix}://{container.manifest_url()}"
     response = client.retrying(deadline, "uploading the manifest", lambda: _check_upload(client.do_request(
         url, "PUT", data=manifest_bytes, headers={"Content-Type": manifest.get("mediaType", MANIFEST_MEDIA_TYPE)})))
     echoed = response.headers.get("Docker-Content-Digest")
-    if echoed and echoed != digest:
-        raise UserError(f"registry {container.registry} stored the manifest as {echoed}, expected {digest}")
-    return PushResult(reference, digest, uploaded, skipped)
+    if echoed and echoed != image_digest:
+        raise UserError(f"registry {container.registry} stored the manifest as {echoed}, expected {image_digest}")
+    return PushResult(reference, image_digest, uploaded, skipped)
+
+
+def _tag_points_at(client: RegistryClient, url: str, media_type: str, deadline: float) -> str | None:
+    """The digest the tag currently names (HEAD of the manifest), or None when the tag is new."""
+    response = client.retrying(deadline, "checking the tag",
+                               lambda: client.do_request(url, "HEAD", headers={"Accept": media_type}))
+    return response.headers.get("Docker-Content-Digest") if response.status_code == 200 else None
 
 
 def _upload(client: RegistryClient, path: Path, container: oras.container.Container,
