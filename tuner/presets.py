@@ -60,13 +60,18 @@ class Preset(_Strict):
     lora_target_modules: tuple[str, ...]
 
 
-def presets_dir() -> Path:
-    """The preset folder: `presets/` of a source checkout, else the copy bundled in the wheel."""
+def bundled_dir(name: str) -> Path:
+    """A project folder (`presets`, `job_templates`): the source checkout's, else the wheel's copy."""
     package = Path(__file__).resolve().parent
-    for candidate in (package.parent / "presets", package / "_bundled" / "presets"):
+    for candidate in (package.parent / name, package / "_bundled" / name):
         if candidate.is_dir():
             return candidate
-    raise RuntimeError("tuner's presets folder is missing from this installation")
+    raise RuntimeError(f"tuner's {name} folder is missing from this installation")
+
+
+def presets_dir() -> Path:
+    """The preset folder."""
+    return bundled_dir("presets")
 
 
 @cache

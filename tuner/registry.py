@@ -228,8 +228,7 @@ def _container(reference: str) -> oras.container.Container:
     if not isinstance(target, RegistryTarget):
         raise UserError(f"{reference!r} is not a registry image reference",
                         fix="write it as REGISTRY/REPOSITORY[:TAG][@DIGEST]")
-    container = oras.container.Container(reference)
-    return container
+    return oras.container.Container(reference)
 
 
 def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOptions) -> PushResult:

@@ -20,6 +20,7 @@ import yaml
 
 from tuner import __version__
 from tuner.errors import EXIT_USER_ERROR, UserError
+from tuner.presets import bundled_dir
 from tuner.run import JobPlan
 from tuner.yamlio import load_yaml_file
 
@@ -67,12 +68,8 @@ class Rendered:
 
 
 def templates_dir() -> Path:
-    """`job_templates/` of a source checkout, else the copy bundled in the wheel."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package.parent / "job_templates", package / "_bundled" / "job_templates"):
-        if candidate.is_dir():
-            return candidate
-    raise RuntimeError("job_templates/ is missing from this installation")
+    """The Job manifest templates."""
+    return bundled_dir("job_templates")
 
 
 def _template(template: str, **values: Any) -> dict[str, Any]:
