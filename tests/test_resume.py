@@ -46,12 +46,13 @@ def job(tmp_path, tiny_model_dir, http_server) -> list[str]:
 
 
 class Run:
-    """A `python -m tuner.cli` process whose output lines are read as they come."""
+    """A `python -m tuner.cli` process (or `launcher` + `-m tuner.cli`) whose output lines are read as they come."""
 
-    def __init__(self, args: list[str], cwd: Path):
+    def __init__(self, args: list[str], cwd: Path, launcher: list[str] | None = None, env: dict | None = None):
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+        command = [*(launcher or [sys.executable]), "-m", "tuner.cli", *args]
+        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     bufsize=1, env=env)
         self.lines: list[str] = []
         self.first_step_at: float | None = None  # seconds from start to the first step's line
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -205,16 +206,21 @@ def test_an_incomplete_checkpoint_is_deleted_not_resumed(job, tmp_path, tiny_mod
     assert_finished(work, tiny_model_dir)
 
 
-def test_a_finished_job_run_again_trains_nothing(job, tmp_path, tiny_model_dir):
+def test_a_finished_job_run_again_does_no_work_and_says_where_the_results_are(job, tmp_path, tiny_model_dir):
     code, first = run(job, tmp_path)
     assert code == 0, first.log
-    adapter = tmp_path / "work" / "adapter"
-    before = (adapter / "adapter_model.safetensors").stat().st_mtime_ns
+    work = tmp_path / "work"
+    outputs = [work / "adapter" / "adapter_model.safetensors", work / "prepared" / "examples.arrow"]
+    before = [path.stat().st_mtime_ns for path in outputs]
+    digest = json.loads((work / "result.json").read_text())["image"]["digest"]
 
     code, again = run(job, tmp_path)
     assert code == 0, again.log
-    assert "train: skipped: this job finished before" in again.log
-    assert f"its adapter is in {adapter}" in again.log
+    assert "(fetched earlier, sha256" in again.log
+    assert f"prepare: reusing the data prepared earlier in {work / 'prepared'}" in again.log
+    assert "train: skipped: this job finished training on" in again.log
     assert not STEP_RE.search(again.log) and "stage train" not in again.log
-    assert (adapter / "adapter_model.safetensors").stat().st_mtime_ns == before
-    assert_finished(tmp_path / "work", tiny_model_dir)
+    assert (f"done: nothing to redo; adapter in {work / 'adapter'}, summary in {work / 'result.json'}, "
+            f"image oci:{tmp_path / 'layout'}:v1@{digest}") in again.log
+    assert [path.stat().st_mtime_ns for path in outputs] == before
+    assert_finished(work, tiny_model_dir)

@@ -29,7 +29,6 @@ DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig default, capped by the preset's con
 DEFAULT_DDP_TIMEOUT = 1800  # TrainingArguments.ddp_timeout's default (seconds)
 INPUTS_DIR = "inputs"
 FETCHED_MARKER = ".fetched.json"  # in INPUTS_DIR: written once every input is on disk
-SPLIT_FILE = "split.npz"  # in the prepared folder: the train/eval rows, for the node's other ranks
 
 
 @dataclass(frozen=True)
@@ -153,14 +152,12 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
         with _stage("load", stages):
             model_dir, tokenizer = _load_model(plan)
         with _stage("prepare", stages):
-            prepared = _prepare([f.path for f in inputs], tokenizer, plan.config, plan.max_length, prepared_dir)
+            prepared = _prepare_once(inputs, tokenizer, plan, prepared_dir)
             for line in prepared.stats.log_lines():
                 events.info(line)
         if not len(prepared.train):
             raise UserError("no training rows are left after preparation", where="tuning.input",
                             fix="check the dataset's format and the dropped-row reasons above")
-        if ranks.distributed:
-            _save_split(prepared, prepared_dir)
         finished = not restart and _finished_summary(plan.work_dir, adapter_dir,
                                                      _job_identity(plan, inputs, prepared)) is not None
         return (model_dir, tokenizer, prepared), (inputs, prepared.stats, finished)
@@ -172,8 +169,10 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
     inputs, stats, _ = shared[ranks.node_leader]
     finished = shared[0][2]  # what rank 0's work dir holds decides for every rank
     if kept is None:  # the node's leader has fetched and prepared: load its work
+        from tuner import prepared_cache
+
         model_dir, tokenizer = _load_model(plan)
-        prepared = _load_prepared(prepared_dir, stats)
+        prepared = prepared_cache.load(prepared_dir)
     else:
         model_dir, tokenizer, prepared = kept
     identity = _job_identity(plan, inputs, prepared)
@@ -182,10 +181,10 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
         if not ranks.is_main:
             return None
         summary = _finished_summary(plan.work_dir, adapter_dir, identity)
-        events.info(f"train: skipped: this job finished before (trained {summary['finished']}); "
-                    f"its adapter is in {adapter_dir}, its summary in {result_file} (--restart trains again)")
+        events.info(f"train: skipped: this job finished training on {summary['finished']} "
+                    "(--restart trains again)")
         _package(plan, summary, adapter_dir, result_file, stages)
-        events.info(f"done: nothing trained; adapter in {adapter_dir}")
+        events.info(f"done: nothing to redo; {_where_results_are(summary, adapter_dir, result_file)}")
         return summary
     if restart and ranks.is_main:  # the old adapter no longer counts as this job's finished one
         for stale in (adapter_dir / SUMMARY_FILE, result_file):
@@ -203,8 +202,15 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
     _package(plan, summary, adapter_dir, result_file, stages)
     events.info(f"done: train loss {result.train_loss:.4f}"
                 + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-                + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; adapter in {adapter_dir}")
+                + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; "
+                + _where_results_are(summary, adapter_dir, result_file))
     return summary
+
+
+def _where_results_are(summary: dict, adapter_dir: Path, result_file: Path) -> str:
+    image = summary.get("image")
+    return (f"adapter in {adapter_dir}, summary in {result_file}"
+            + (f", image {image['reference']}@{image['digest']}" if image else ""))
 
 
 def _job_identity(plan: JobPlan, inputs: list[InputFile], prepared: PreparedData) -> dict:
@@ -303,23 +309,21 @@ def _load_model(plan: JobPlan):
     return model_dir, train.load_tokenizer(model_dir, plan.config)
 
 
-def _save_split(prepared: PreparedData, out_dir: Path) -> None:
-    """Record which stored rows train and which evaluate, for `_load_prepared` on the node's other ranks."""
-    import numpy as np
+def _prepare_once(inputs: list[InputFile], tokenizer, plan: JobPlan, out_dir: Path) -> PreparedData:
+    """Prepare the inputs into `out_dir`, or reuse what a run with the same inputs, tokenizer and
+    DatasetConfig prepared there before."""
+    from tuner import prepared_cache
 
-    np.savez(out_dir / SPLIT_FILE, train=prepared.train.indices, eval=prepared.eval.indices)
-
-
-def _load_prepared(out_dir: Path, stats: DataStats) -> PreparedData:
-    """The data the node's leader prepared into `out_dir`, as `_prepare` returned it there."""
-    import numpy as np
-
-    from tuner.data import STORE_FILE, IndexedExamples, PreparedData
-    from tuner.store import ExampleStore
-
-    store = ExampleStore(out_dir / STORE_FILE)
-    with np.load(out_dir / SPLIT_FILE) as split:
-        return PreparedData(IndexedExamples(store, split["train"]), IndexedExamples(store, split["eval"]), stats)
+    files = [(f.path.name, f.sha256) for f in inputs]
+    key = prepared_cache.cache_key(files, tokenizer, plan.config.dataset, plan.max_length)
+    prepared = prepared_cache.load(out_dir, key)
+    if prepared is not None:
+        events.info(f"prepare: reusing the data prepared earlier in {out_dir} (same inputs, tokenizer and config)")
+        return prepared
+    prepared_cache.forget(out_dir)
+    prepared = _prepare([f.path for f in inputs], tokenizer, plan.config, plan.max_length, out_dir)
+    prepared_cache.save(out_dir, key, prepared)
+    return prepared
 
 
 def check_data(files: list[Path], *, preset_name: str, tokenizer_dir: Path | None = None,
