@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -144,3 +145,87 @@ def test_a_user_error_before_training_stops_every_node_with_exit_code_2(tmp_path
     assert (code0, code1) == (2, 2), log0 + log1
     assert "error: --skip-fetch: the inputs were not fetched" in log0
     assert "error: rank 0 failed before training: --skip-fetch: the inputs were not fetched" in log1
+
+
+WORKER = """
+import pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    time.sleep(3)  # finishing the step and saving a checkpoint
+    (folder / "saved").write_text("yes")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+(folder / "ready").write_text("yes")
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize(("shutdown_timeout", "saved"), [(None, True), ("1", False)], ids=["tuner-default", "1s"])
+def test_sigterm_gives_workers_time_to_save_and_exits_retryable(tmp_path, shutdown_timeout, saved):
+    """tuner's launcher waits for its workers after SIGTERM (torchrun's own wait is 30 s, too short for
+    a big model's checkpoint) and exits 143; a 1 s wait, for contrast, kills the worker mid-save."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    if shutdown_timeout:
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_timeout
+    launcher = subprocess.Popen([sys.executable, "-m", "tuner.distributed", "--standalone", "--nproc_per_node=1",
+                                 str(tmp_path / "worker.py"), str(tmp_path)], env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, launcher.communicate()[0]
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        _stop([launcher])
+    assert launcher.returncode == 143, output
+    assert (tmp_path / "saved").exists() is saved
+    assert "Traceback" not in output
+
+
+def test_two_nodes_preempted_resume_from_the_latest_checkpoint_both_hold(tmp_path, tiny_model_dir, http_server,
+                                                                         lora_shapes):
+    """Each node checkpoints into its own work dir; SIGTERM on one node stops both at the same step with
+    143; when one node's newest checkpoint is lost, both resume from the newest they share."""
+    from test_resume import MAX_STEPS, Run, complete_steps, resumed_from
+    from test_resume import config as checkpointing_config
+
+    root, base = http_server
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    args = ["run", str(workspace(tmp_path, [f"{base}/rows.jsonl"])),
+            "--config", str(checkpointing_config(tmp_path, tiny_model_dir)), "--allow-private-urls"]
+    works = [tmp_path / f"node{rank}" / "work" for rank in (0, 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start_both() -> list[Run]:
+        port = free_port()
+        return [Run([*args, "--work-dir", str(works[rank]), "--output", f"oci:{tmp_path / f'layout{rank}'}:v1"],
+                    tmp_path, [sys.executable, "-m", "tuner.distributed", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"], env)
+                for rank in (0, 1)]
+
+    node0, node1 = start_both()
+    try:
+        node0.wait_for_step(7)
+        node0.proc.send_signal(signal.SIGTERM)
+        assert (node0.finish(), node1.finish()) == (143, 143), node0.log + node1.log
+    finally:
+        _stop([node0.proc, node1.proc])
+    stopped = node0.last_step()
+    assert complete_steps(works[0]) == complete_steps(works[1]) and complete_steps(works[1])[-1] == stopped
+    shutil.rmtree(works[1] / "checkpoints" / f"checkpoint-{stopped}")  # node 1's newest is lost
+    shared = complete_steps(works[1])[-1]
+
+    node0, node1 = start_both()
+    try:
+        assert (node0.finish(), node1.finish()) == (0, 0), node0.log + node1.log
+    finally:
+        _stop([node0.proc, node1.proc])
+    assert resumed_from(node0.log) == (shared, MAX_STEPS)
+    assert f"resume: checkpoint-{shared} is the latest complete on every node" in node0.log
+    assert f" step {shared + 1}/{MAX_STEPS} " in node0.log and f" step {shared}/{MAX_STEPS} " not in node0.log
+    summary = json.loads((works[0] / "result.json").read_text())
+    assert summary["train"]["steps"] == MAX_STEPS and summary["train"]["resumed_from_step"] == shared
+    assert adapter_shapes(works[0] / ADAPTER) == lora_shapes

@@ -91,6 +91,18 @@ def test_several_gpus_launch_torchrun_on_one_node(tmp_path):
     assert tuner["args"][:3] == ["-m", "tuner.cli", "run"]
 
 
+def test_torchrun_gives_its_workers_the_grace_period_to_save_after_sigterm(tmp_path):
+    manifests = {m["kind"]: m for m in render(plan_job(seed_workspace(tmp_path, instance="Standard_NC24s_v3"),
+                                                       for_cluster=True), RenderOptions(grace_seconds=900)).manifests}
+    assert pod(manifests)["terminationGracePeriodSeconds"] == 900
+    assert {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "870"} in container(manifests)["env"]
+
+
+def test_one_process_needs_no_launcher_shutdown_timeout(tmp_path):
+    env = container(rendered(seed_workspace(tmp_path)))["env"]
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in {e["name"] for e in env}
+
+
 def test_two_nodes_are_an_indexed_job_with_a_headless_service(tmp_path):
     manifests = rendered(seed_workspace(tmp_path, instance="Standard_NC12s_v3", count=2))
     job, service = manifests["Job"], manifests["Service"]

@@ -208,11 +208,19 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.saves += 1
         self.last_save = time.monotonic()
-        if state.is_world_process_zero:
+        _wait_for_every_rank()  # each rank writes its own RNG state into the checkpoint
+        if args.should_save:  # the process that writes this node's checkpoints
             checkpoint = self.output_dir / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 mark_complete(checkpoint, state.global_step)
         return control
+
+
+def _wait_for_every_rank() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 class StopFlag:

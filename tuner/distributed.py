@@ -20,6 +20,9 @@ from typing import TypeVar
 
 from tuner.errors import EXIT_INTERNAL, EXIT_OK, UserError
 
+SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+DEFAULT_GRACE_SECONDS = 600  # the Job's terminationGracePeriodSeconds
+LAUNCHER_EXIT_SECONDS = 30  # of the grace period, kept for the launcher itself to exit
 Local = TypeVar("Local")
 Shared = TypeVar("Shared")
 
@@ -139,17 +142,32 @@ def quiet_unless_main(ranks: Ranks) -> Iterator[None]:
         yield
 
 
+def shutdown_seconds(grace_seconds: int = DEFAULT_GRACE_SECONDS) -> int:
+    """How long the launcher lets its workers save and exit after SIGTERM, within the pod's grace period."""
+    return max(grace_seconds - LAUNCHER_EXIT_SECONDS, 1)
+
+
 def launch(argv: list[str]) -> int:
     """torchrun with `argv`, exiting with the first failed worker's exit code (torchrun's own is 1),
-    so a Job can tell a user error (2) from a fault."""
+    so a Job can tell a user error (2) from a fault.
+
+    On SIGTERM torchrun passes the signal to its workers and kills them `TORCH_ELASTIC_SHUTDOWN_TIMEOUT`
+    seconds later (torch's default: 30); tuner's default, `shutdown_seconds()`, leaves them time to
+    finish the step and save a checkpoint. The launcher then exits with 128 + the signal (143 for
+    SIGTERM: retry and resume).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
+    os.environ.setdefault(SHUTDOWN_ENV, str(shutdown_seconds()))
     try:
         main(argv)
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else EXIT_INTERNAL
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from tuner import __version__
+from tuner import __version__, distributed
 from tuner.errors import EXIT_USER_ERROR, UserError
 from tuner.presets import bundled_dir
 from tuner.run import JobPlan
@@ -52,7 +52,7 @@ class RenderOptions:
     gpu_memory_gib: float | None = None
     backoff_limit: int = 3
     ttl_seconds: int = 7 * 24 * 3600
-    grace_seconds: int = 600  # time to save a checkpoint after SIGTERM
+    grace_seconds: int = distributed.DEFAULT_GRACE_SECONDS  # time to save a checkpoint after SIGTERM
     insecure_registries: tuple[str, ...] = ()
     url_headers_secret: str | None = None  # a Secret with key headers.json: HTTP headers per dataset host
 
@@ -129,6 +129,8 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
            if nodes > 1 else {"name": "NODE_RANK", "value": "0"}]
     if tuning.output.image:
         env.append({"name": "DOCKER_CONFIG", "value": PUSH_SECRET_DIR})
+    if command:  # torchrun's wait for its workers after SIGTERM, within the pod's grace period
+        env.append({"name": distributed.SHUTDOWN_ENV, "value": str(distributed.shutdown_seconds(options.grace_seconds))})
     selector = resource.label_selector
     job = _template(
         "job.yaml", name=job_name, **common, backoff_limit=options.backoff_limit, ttl_seconds=options.ttl_seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,8 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     (see `checkpoints.job_identity`), training resumes from the latest complete checkpoint of the
     same job, refuses one of another job (UserError), or with `restart` deletes them first. On
     SIGTERM it saves a checkpoint, stops and raises `checkpoints.Preempted` (exit 143) without
-    writing the adapter. Under torchrun every rank calls this; only rank 0 saves.
+    writing the adapter. Under torchrun every rank calls this; each node's local rank 0 writes
+    the checkpoints into its node's work dir, and only rank 0 writes the adapter.
     """
     precision = choose_precision(config.model.get("torch_dtype"))
     if precision.reason:
@@ -131,36 +133,44 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
 
 
 def _resume_point(folder: Path, identity: dict[str, Any], restart: bool) -> Path | None:
-    """The checkpoint to resume from, the same on every rank (None: start fresh).
+    """The checkpoint to resume from, the same step on every rank (None: start fresh).
 
-    Each node's local rank 0 checks and cleans the folder first; under torchrun, if the ranks
-    do not all see the same checkpoint (nodes with work dirs of their own), every rank starts over.
+    Each node's local rank 0 checks and cleans its folder first. Under torchrun each node saves
+    into its own work dir, so the ranks resume from the latest step complete on every node, and
+    the node leaders delete any later checkpoint (it is about to be redone).
     """
     ranks = distributed.ranks_from_env()
     if not ranks.distributed:
         return checkpoints.prepare_resume(folder, identity, restart=restart)
     import torch.distributed as dist
 
-    found: Path | None = None
+    steps: list[int] = []
     error: str | None = None
     try:
         if ranks.is_node_leader:
-            found = checkpoints.prepare_resume(folder, identity, restart=restart)
+            checkpoints.prepare_resume(folder, identity, restart=restart)
         dist.barrier()
         if not ranks.is_node_leader:
-            found = checkpoints.prepare_resume(folder, identity, clean=False)
+            checkpoints.prepare_resume(folder, identity, clean=False)
+        steps = [checkpoints.checkpoint_step(p) for p in checkpoints.complete_checkpoints(folder)]
     except UserError as exc:
         error = str(exc)
-    choices: list[Any] = [None] * ranks.world_size
-    dist.all_gather_object(choices, (found.name if found else None, error))
-    errors = [e for _, e in choices if e]
+    gathered: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(gathered, (steps, error))
+    errors = [e for _, e in gathered if e]
     if errors:
         raise UserError(errors[0])
-    names = {name for name, _ in choices}
-    if len(names) > 1:
-        events.warn("resume: the ranks see different checkpoints (work dirs of their own?): starting over")
-        return None
-    return found
+    common = set.intersection(*(set(s) for s, _ in gathered))
+    step = max(common, default=None)
+    if ranks.is_node_leader:
+        for later in (s for s in steps if step is None or s > step):
+            shutil.rmtree(folder / f"checkpoint-{later}", ignore_errors=True)
+    if step is None and any(s for s, _ in gathered):
+        events.warn("resume: no checkpoint is complete on every node: starting over")
+    elif step is not None and step < max(max(s, default=0) for s, _ in gathered):
+        events.info(f"resume: checkpoint-{step} is the latest complete on every node")
+    dist.barrier()
+    return folder / f"checkpoint-{step}" if step is not None else None
 
 
 def _recorded_max_steps(checkpoint: Path) -> int | None:
@@ -254,6 +264,8 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
     args.setdefault("logging_first_step", True)
     if distributed.ranks_from_env().distributed:
         args.setdefault("ddp_backend", distributed.ddp_backend())
+        # every node's work dir gets its own copy, so each node can resume (one node: no change)
+        args.setdefault("save_on_each_node", True)
     if not has_eval:
         args["eval_strategy"] = "no"
     try:
