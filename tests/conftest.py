@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,14 +62,12 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
-def http_server(tmp_path_factory):
-    """A real HTTP server on 127.0.0.1 serving a fresh folder; yields (folder, base URL)."""
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 serving `root` for the block; yields its base URL."""
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    root = tmp_path_factory.mktemp("served")
 
     class QuietHandler(SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -78,10 +77,18 @@ def http_server(tmp_path_factory):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture()
+def http_server(tmp_path_factory):
+    """A real HTTP server on 127.0.0.1 serving a fresh folder; yields (folder, base URL)."""
+    root = tmp_path_factory.mktemp("served")
+    with serving(root) as base:
+        yield root, base
 
 
 # Real OCI registries (docker-registry 2.8 with htpasswd auth) and proxies in front of them.

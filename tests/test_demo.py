@@ -31,7 +31,14 @@ def test_demo_log_is_plain_lines(demo_run):
     assert "\r" not in log and "\x1b[" not in log
     assert "format: messages (messages), 20 rows (identity.jsonl)" in log
     assert "packing: off" in log  # rows of equal length: nothing to gain
-    assert "step 40/40 (100%)" in log
+    assert "step 36/36 (100%)" in log  # 33 training rows (4 held out), batch 4, 4 epochs
+
+
+def test_demo_adapter_beats_the_base_model_on_the_held_out_rows(demo_run):
+    out, _ = demo_run
+    evaluation = json.loads((out / "work" / "result.json").read_text())["eval"]
+    assert evaluation["rows"] == 4
+    assert evaluation["adapter_loss"] < evaluation["base_loss"] / 2
 
 
 def test_demo_adapter_answers_as_trained(demo_run):

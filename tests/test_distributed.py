@@ -111,7 +111,7 @@ def test_two_processes_on_one_node(tmp_path, job, lora_shapes):
     [(code, log)] = run_together([torchrun(["--standalone", "--nproc_per_node=2"], job, work, layout)], tmp_path)
     assert code == 0, log
     assert_trained_once(work, log, lora_shapes)
-    assert "| 2 processes" in log and "x 2 processes" in log
+    assert "| cpu (2 cores) x 2 processes |" in log and "accumulation x 2 processes)" in log
     files = unpack_layout(layout, tmp_path / "unpacked")
     assert "adapter_model.safetensors" in {p.name for p in files}
 

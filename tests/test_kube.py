@@ -280,6 +280,127 @@ def test_last_progress_line():
     assert kube.last_progress_line("") is None
 
 
+def json_event(type_: str, message: str, time_: str = "2026-11-24T20:16:31.123Z", **extra) -> str:
+    return json.dumps({"type": type_, "time": time_, "level": "info", "message": message, **extra},
+                      separators=(",", ":"))
+
+
+STEP_4 = "step 4/40 (10%) | epoch 0.40 | loss 3.7840 | lr 1.0e-03 | 126 tok/s | eta 1m15s"
+STEP_5 = "step 5/40 (12%) | epoch 0.50 | loss 3.5000 | lr 1.0e-03 | 130 tok/s | eta 1m10s"
+
+
+def test_last_progress_line_of_a_json_log_is_the_latest_train_step_message():
+    log = "\n".join([
+        json_event("job.started", "tuner 1.0 on 1 GPU"),
+        json_event("train.step", "step 1/40 (2%) | epoch 0.10 | eta 1m20s", "2026-11-24T20:16:20.000Z", step=1),
+        json_event("train.step", STEP_4, step=4, metrics={"loss": 3.784}),
+        json_event("eval", "eval: step 4 | eval_loss 3.5000", "2026-11-24T20:16:33.000Z"),
+        json_event("message", "warning: something harmless", "2026-11-24T20:16:34.000Z"),
+    ]) + "\n"
+    # The same text as in text mode: the UTC clock time of the event, then its message.
+    assert kube.last_progress_line(log) == f"20:16:31 {STEP_4}"
+
+
+def test_last_progress_line_of_a_mixed_log_skips_broken_json():
+    log = "\n".join([
+        "20:16:30 step 3/40 (7%) | epoch 0.30 | loss 3.9000 | lr 1.0e-03 | 120 tok/s | eta 1m20s",
+        json_event("train.step", STEP_4, step=4),
+        "Some weights of the model were not used: ['lm_head.bias']",  # library output
+        json_event("train.step", STEP_5, "2026-11-24T20:16:36.500Z", step=5)[:60],  # cut short
+        '{"type": "train.step", "message": 5}',
+        "[1, 2, 3]",
+    ])
+    assert kube.last_progress_line(log) == f"20:16:31 {STEP_4}"
+    assert kube.last_progress_line(log + "\n20:16:40 " + STEP_5 + "\n") == f"20:16:40 {STEP_5}"
+
+
+SUCCEEDED = {"status": "succeeded", "steps": 40, "total_steps": 40, "epochs": 4.0, "train_loss": 0.512,
+             "eval_loss": {"base": 3.21, "adapter": 0.98}, "trained_tokens": 9900,
+             "image": "registry.example/team/adapter:v1@sha256:abcd", "seconds": 75.2}
+FAILED = {"status": "failed", "exit_code": 2, "error": {
+    "code": "user_error", "message": "tuning.input.urls[0]: not found; fix the URL", "param": "tuning.input.urls[0]"}}
+PREEMPTED = {"status": "preempted", "exit_code": 143, "step": 17, "total_steps": 40, "checkpoint": "checkpoint-17"}
+
+
+def compact(outcome: dict) -> str:
+    return json.dumps(outcome, separators=(",", ":"))
+
+
+def test_describe_result_succeeded():
+    assert kube.describe_result(compact(SUCCEEDED)) == (
+        "succeeded: 40/40 steps, 4.00 epochs, 9,900 tokens | train loss 0.5120 | eval loss base 3.2100 -> "
+        "adapter 0.9800 | image registry.example/team/adapter:v1@sha256:abcd | 1m15s")
+
+
+def test_describe_result_succeeded_without_eval_split_or_image():
+    outcome = {**SUCCEEDED, "eval_loss": None, "image": None, "seconds": 42.9}
+    assert kube.describe_result(compact(outcome)) == (
+        "succeeded: 40/40 steps, 4.00 epochs, 9,900 tokens | train loss 0.5120 | 42s")
+
+
+def test_describe_result_failed():
+    assert kube.describe_result(compact(FAILED)) == (
+        "failed (exit 2, user_error): tuning.input.urls[0]: not found; fix the URL")
+    assert kube.describe_result(compact({**FAILED, "error": {**FAILED["error"], "param": None}})) == (
+        "failed (exit 2, user_error): tuning.input.urls[0]: not found; fix the URL")
+
+
+def test_describe_result_preempted():
+    assert kube.describe_result(compact(PREEMPTED)) == "preempted at step 17/40: resumes from checkpoint-17 on retry"
+
+
+def test_describe_result_of_a_log_tail_or_unknown_json_is_its_last_line():
+    tail = "step 3/40 (7%) | loss 3.9\nTraceback (most recent call last):\n  ...\nRuntimeError: CUDA error\n\n"
+    assert kube.describe_result(tail) == "last log lines: RuntimeError: CUDA error"
+    assert kube.describe_result('{"status":"exploded"}') == 'last log lines: {"status":"exploded"}'
+    assert kube.describe_result('{"status":"succeeded","steps":4') == 'last log lines: {"status":"succeeded","steps":4'
+
+
+def terminated(outcome: dict | str, exit_code: int = 0) -> list[dict]:
+    message = outcome if isinstance(outcome, str) else compact(outcome)
+    return [{"name": "tuner", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]
+
+
+@pytest.mark.asyncio
+async def test_status_result_is_the_newest_pods_termination_message(cluster, api, pod_logs):
+    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Failed",
+            containerStatuses=terminated(PREEMPTED, 143))
+    add_pod(cluster, f"{JOB}-b", "2026-01-01T00:05:00Z", phase="Succeeded", containerStatuses=terminated(SUCCEEDED))
+    pod_logs[f"{JOB}-b", "tuner"] = PROGRESS_LOG
+    before = len(list(cluster))
+    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+
+    assert status.result == (
+        "succeeded: 40/40 steps, 4.00 epochs, 9,900 tokens | train loss 0.5120 | eval loss base 3.2100 -> "
+        "adapter 0.9800 | image registry.example/team/adapter:v1@sha256:abcd | 1m15s")
+    # No extra API call: the Job, the pod listing and one log.
+    assert len(list(cluster)) - before == 3
+
+
+@pytest.mark.asyncio
+async def test_status_result_skips_a_newer_pod_that_is_still_running(cluster, api, pod_logs):
+    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Failed",
+            containerStatuses=terminated(PREEMPTED, 143))
+    add_pod(cluster, f"{JOB}-b", "2026-01-01T00:05:00Z",
+            containerStatuses=[{"name": "tuner", "state": {"running": {"startedAt": "2026-01-01T00:05:10Z"}}}])
+    pod_logs[f"{JOB}-b", "tuner"] = PROGRESS_LOG
+    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+
+    assert status.result == "preempted at step 17/40: resumes from checkpoint-17 on retry"
+
+
+@pytest.mark.asyncio
+async def test_status_result_is_none_before_any_tuner_container_terminates(cluster, api, pod_logs):
+    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z")
+    pod_logs[f"{JOB}-a", "tuner"] = PROGRESS_LOG
+    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+
+    assert status.result is None
+
+
 @pytest.mark.asyncio
 async def test_status_pending_before_any_pod_starts(cluster, api, pod_logs):
     await asyncio.to_thread(kube.submit, api, manifests(), NS)

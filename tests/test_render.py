@@ -260,3 +260,18 @@ def test_render_is_deterministic(tmp_path):
     path = seed_workspace(tmp_path)
     first = render(plan_job(path, for_cluster=True), RenderOptions()).to_yaml()
     assert render(plan_job(path, for_cluster=True), RenderOptions()).to_yaml() == first
+
+
+@pytest.mark.parametrize("name", ["fetch", "tuner"])
+def test_both_containers_report_their_outcome_as_the_termination_message(tmp_path, name):
+    spec = container(rendered(seed_workspace(tmp_path)), name)
+    assert spec["terminationMessagePath"] == "/dev/termination-log"
+    assert spec["terminationMessagePolicy"] == "FallbackToLogsOnError"  # the log tail when tuner wrote nothing
+    assert {"name": "TUNER_TERMINATION_LOG", "value": "/dev/termination-log"} in spec["env"]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_log_format_is_set_for_both_containers(tmp_path, log_format):
+    manifests = rendered(seed_workspace(tmp_path), log_format=log_format)
+    for name in ("fetch", "tuner"):
+        assert {"name": "TUNER_LOG_FORMAT", "value": log_format} in container(manifests, name)["env"]

@@ -220,7 +220,7 @@ def test_a_finished_job_run_again_does_no_work_and_says_where_the_results_are(jo
     assert f"prepare: reusing the data prepared earlier in {work / 'prepared'}" in again.log
     assert "train: skipped: this job finished training on" in again.log
     assert not STEP_RE.search(again.log) and "stage train" not in again.log
-    assert (f"done: nothing to redo; adapter in {work / 'adapter'}, summary in {work / 'result.json'}, "
-            f"image oci:{tmp_path / 'layout'}:v1@{digest}") in again.log
+    assert (f"done: nothing to redo; adapter {work / 'adapter'}, result {work / 'result.json'}, "
+            f"curve {work / 'adapter' / 'loss_curve.png'}, image oci:{tmp_path / 'layout'}:v1@{digest}") in again.log
     assert [path.stat().st_mtime_ns for path in outputs] == before
     assert_finished(work, tiny_model_dir)

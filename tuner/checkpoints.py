@@ -29,7 +29,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tuner import events
-from tuner.errors import EXIT_PREEMPTED, UserError
+from tuner.errors import UserError
 
 CHECKPOINTS_DIR = "checkpoints"
 IDENTITY_FILE = "job.json"  # in CHECKPOINTS_DIR
@@ -39,15 +39,6 @@ DEFAULT_SAVE_MINUTES = 10.0
 DEFAULT_KEEP = 2
 MINUTES_ENV = "TUNER_CHECKPOINT_MINUTES"
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
-
-
-class Preempted(SystemExit):
-    """Training stopped on SIGTERM after saving a checkpoint; the job should be retried (exit 143)."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(EXIT_PREEMPTED)
-        self.step = step
-        self.checkpoint = checkpoint
 
 
 def save_minutes() -> float:
@@ -190,6 +181,7 @@ class CheckpointCallback(TrainerCallback):
         self.last_save = time.monotonic()
         self.stopped_by_signal = False
         self.save_seconds = 0.0  # added to by whoever times the Trainer's saves
+        self.last_save_seconds = 0.0
         self.saves = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -213,6 +205,9 @@ class CheckpointCallback(TrainerCallback):
             checkpoint = self.output_dir / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 mark_complete(checkpoint, state.global_step)
+                events.emit("checkpoint.saved", f"checkpoint: {checkpoint.name} saved in {self.last_save_seconds:.1f}s",
+                            step=state.global_step, metrics={"seconds": round(self.last_save_seconds, 3)},
+                            data={"path": str(checkpoint)})
         return control
 
 

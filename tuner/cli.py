@@ -7,8 +7,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from tuner import __version__, events
-from tuner.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USER_ERROR, UserError
+from tuner import __version__, events, termination
+from tuner.errors import EXIT_INTERNAL, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="docker config.json (or its directory) holding the registry credentials "
                               "(default: $DOCKER_CONFIG/config.json, else ~/.docker/config.json)")
 
+    def log_format_argument(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--log-format", choices=events.FORMATS,
+                         help="text lines (default) or one JSON event per line (default from $TUNER_LOG_FORMAT)")
+
     def render_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
         sub.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                               '({"host": {"Authorization": "..."}}), mounted for the fetch container')
         sub.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                          help="let the Job push to this registry over plain HTTP (repeatable)")
+        sub.add_argument("--log-format", choices=events.FORMATS, default="text", dest="job_log_format",
+                         help="the Job's log lines: text (default) or one JSON event per line")
 
     def job_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
@@ -63,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: ./tuner-work/<workspace name>)")
     run.add_argument("--skip-fetch", action="store_true",
                      help="use the inputs `tuner fetch` left in the work directory instead of fetching them")
+    log_format_argument(run)
     run.add_argument("--restart", action="store_true",
                      help="delete the work directory's checkpoints (and ignore a finished adapter) and train "
                           "from the start; without it a run resumes from the latest checkpoint of the same job")
@@ -73,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--allow-private-urls", action="store_true",
                        help="allow dataset URLs on localhost or private networks (local testing)")
     registry_arguments(fetch)
+    log_format_argument(fetch)
     validate = commands.add_parser("validate", help="check a Workspace and training config without running")
     job_arguments(validate)
     commands.add_parser("presets", help="list the base-model presets")
@@ -113,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("image", metavar="IMAGE", help="REGISTRY/REPO[:TAG][@DIGEST]")
     pull.add_argument("dest", type=Path, metavar="DIR", help="new or empty directory for the adapter files")
     registry_arguments(pull)
+    report = commands.add_parser("report", help="draw a work directory's logged metrics (loss curves) as a PNG")
+    report.add_argument("work_dir", type=Path, metavar="WORKDIR", help="work directory of `tuner run`")
+    report.add_argument("--metric", action="append", metavar="NAME",
+                        help="a logged metric to draw (repeatable; default: loss and eval_loss), e.g. "
+                             "learning_rate, grad_norm, tokens_per_second")
+    report.add_argument("--out", type=Path, metavar="PNG", help="where to write it (default: WORKDIR/loss_curve.png)")
     chat = commands.add_parser("chat", help="answer a prompt with a preset's base model plus an adapter")
     chat.add_argument("prompt", help="the user message")
     chat.add_argument("--preset", default="smollm2-135m-instruct", help="base model preset")
@@ -130,7 +144,8 @@ def _render(args: argparse.Namespace):
         namespace=args.namespace, image=args.image or DEFAULT_IMAGE, resume=not args.no_resume,
         work_pvc=args.work_pvc, storage_class=args.storage_class, storage_size=args.storage_size, gpus=args.gpus,
         gpu_memory_gib=args.gpu_memory, backoff_limit=args.backoff_limit,
-        insecure_registries=tuple(args.insecure_registry), url_headers_secret=args.url_headers_secret))
+        insecure_registries=tuple(args.insecure_registry), url_headers_secret=args.url_headers_secret,
+        log_format=args.job_log_format))
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -166,6 +181,8 @@ def _watch(api, args: argparse.Namespace) -> int:
               f"active pods: {state.active}")
         if state.progress:
             print(f"progress: {state.progress}")
+        if state.result:
+            print(f"result: {state.result}")
         return EXIT_OK
     if args.command == "logs":
         kube.logs(api, job, args.namespace, follow=args.follow)
@@ -186,22 +203,43 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     events.quiet_libraries()
     try:
+        events.configure(getattr(args, "log_format", None))
         return _dispatch(args)
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _failed(EXIT_USER_ERROR, "user_error", str(exc), exc.where)
+    except Preempted as exc:
+        events.emit("job.preempted", f"preempted: exit {EXIT_PREEMPTED}; a retry resumes from {exc.checkpoint}",
+                    level="warning", step=exc.step, data={"total_steps": exc.total_steps, "checkpoint": exc.checkpoint})
+        _terminated(termination.preempted(EXIT_PREEMPTED, exc.step, exc.total_steps, exc.checkpoint))
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _failed(130, "interrupted", "interrupted", None)
     except Exception as exc:  # an internal fault: one line unless --debug
         if args.debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: internal fault: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        return _failed(EXIT_INTERNAL, "internal_error", f"internal fault: {type(exc).__name__}: {first} "
+                                                        "(rerun with --debug for the traceback)", None)
+    finally:
+        events.record_to(None)
+
+
+def _failed(exit_code: int, code: str, message: str, param: str | None) -> int:
+    """One `error: ...` line on stderr (a job.failed event in JSON form) and the termination message."""
+    error = {"code": code, "message": message, "param": param}
+    events.emit("job.failed", f"error: {message}", level="error", error=error, stream=sys.stderr, stamp=False)
+    _terminated(termination.failed(exit_code, error))
+    return exit_code
+
+
+def _terminated(outcome: dict) -> None:
+    """The pod's termination message, written once per pod (by the node's first process)."""
+    from tuner.distributed import ranks_from_env
+
+    if ranks_from_env().is_node_leader:
+        termination.write(outcome)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -234,6 +272,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         pulled = pull_image(args.image, args.dest, _registry_options(args))
         print(f"pulled {args.image}@{pulled.digest}: {len(pulled.files)} files in {args.dest}")
+        return EXIT_OK
+    if args.command == "report":
+        from tuner import report
+
+        metrics = tuple(args.metric) if args.metric else report.DEFAULT_METRICS
+        out = report.draw(args.work_dir / report.EVENTS_FILE, args.out or args.work_dir / report.CURVE_FILE, metrics)
+        print(f"wrote {out}")
         return EXIT_OK
     if args.command == "chat":
         from tuner.generate import chat

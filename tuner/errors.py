@@ -21,3 +21,13 @@ class UserError(Exception):
         if fix:
             parts.append(fix)
         super().__init__("; ".join(parts))
+
+
+class Preempted(SystemExit):
+    """Training stopped on SIGTERM after saving a checkpoint; the job should be retried (exit 143)."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
+        self.total_steps = total_steps
+        self.checkpoint = checkpoint

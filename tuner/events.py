@@ -1,24 +1,155 @@
-"""Progress lines for `kubectl logs`: one plain line per event, flushed at once, no carriage returns."""
+"""What a job tells its watchers: every progress line is an event.
+
+Text (the default): one `HH:MM:SS message` line per event on stdout, flushed at once, with no
+carriage returns or escape codes, for `kubectl logs`. On a terminal the training steps drive a
+live progress bar instead of a line each.
+
+JSON (`--log-format json`, or `TUNER_LOG_FORMAT=json`): one object per line with the keys `type`,
+`time`, `level` and `message`, and where they apply `step`, `metrics`, `data` and `error` (the
+README documents the schema). While a job runs, every event is also appended to
+WORK/events.jsonl in the JSON form, whatever the log format, for `tuner report`.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from tuner.errors import UserError
+
+FORMAT_ENV = "TUNER_LOG_FORMAT"
+FORMATS = ("text", "json")
+TYPES = ("job.started", "stage", "data.prepared", "train.started", "train.step", "checkpoint.saved", "eval",
+         "push.done", "job.succeeded", "job.preempted", "job.failed", "message")
+
+_BAR_ENDS = ("stage", "job.succeeded", "job.preempted", "job.failed")  # events after the training steps
+
+
+@dataclass
+class _Log:
+    format: str = "text"
+    record: TextIO | None = None  # WORK/events.jsonl while a job runs
+    bar: Any = None  # the live progress bar (tqdm) on a terminal, while training
+
+
+_log = _Log()
+
+
+def configure(log_format: str | None = None) -> None:
+    """Choose the log format: the flag's value, else `TUNER_LOG_FORMAT`, else text."""
+    chosen = (log_format or os.environ.get(FORMAT_ENV) or "text").strip().lower()
+    if chosen not in FORMATS:
+        where = "--log-format" if log_format else FORMAT_ENV
+        raise UserError(f"{chosen!r} is not a log format", where=where, fix=f"use one of {', '.join(FORMATS)}")
+    _log.format = chosen
+
+
+def json_format() -> bool:
+    return _log.format == "json"
+
+
+def record_to(path: Path | None) -> None:
+    """Append every event to `path` (JSON lines) from now on; None stops recording."""
+    if _log.record is not None:
+        _log.record.close()
+        _log.record = None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _log.record = open(path, "a", buffering=1)
+
+
+def emit(type: str, message: str, *, level: str = "info", step: int | None = None,
+         metrics: dict[str, float] | None = None, data: dict[str, Any] | None = None,
+         error: dict[str, Any] | None = None, stream: TextIO | None = None, stamp: bool = True) -> dict[str, Any]:
+    """Log one event (see the module docstring for the forms); returns it as a JSON-ready dict.
+
+    In text form it goes to `stream` (default stdout), after a time stamp unless `stamp` is False;
+    JSON always goes to stdout.
+    """
+    event: dict[str, Any] = {"type": type, "time": _timestamp(), "level": level, "message": message}
+    if step is not None:
+        event["step"] = step
+    if metrics:
+        event["metrics"] = {k: _finite(v) for k, v in metrics.items()}
+    if data:
+        event["data"] = data
+    if error:
+        event["error"] = error
+    line = json.dumps(event, default=str)
+    if _log.record is not None:
+        _log.record.write(line + "\n")
+    out = sys.stdout if _log.format == "json" or stream is None else stream
+    if _log.format == "json":
+        _write(out, line)
+    elif type == "train.step" and out.isatty():
+        _advance_bar(out, message, step, (data or {}).get("total_steps"))
+    else:
+        if type in _BAR_ENDS:
+            _close_bar()
+        _write(out, f"{time.strftime('%H:%M:%S', time.gmtime())} {message}" if stamp else message)
+    return event
 
 
 def info(message: str) -> None:
-    """Print one timestamped progress line to stdout."""
-    stamp = time.strftime("%H:%M:%S", time.gmtime())
-    sys.stdout.write(f"{stamp} {message}\n")
-    sys.stdout.flush()
+    """Log one plain progress line."""
+    emit("message", message)
 
 
 def warn(message: str) -> None:
-    """Print one timestamped warning line to stdout (same stream, so ordering is kept)."""
-    info(f"warning: {message}")
+    """Log one warning line (same stream as the progress lines, so ordering is kept)."""
+    emit("message", f"warning: {message}", level="warning")
+
+
+def duration(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h07m`."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _write(out: TextIO, line: str) -> None:
+    if _log.bar is not None:
+        _log.bar.write(line, file=out)
+    else:
+        out.write(line + "\n")
+    out.flush()
+
+
+def _advance_bar(out: TextIO, message: str, step: int | None, total: int | None) -> None:
+    from tqdm import tqdm
+
+    if _log.bar is None:
+        _log.bar = tqdm(total=total, unit="step", dynamic_ncols=True, disable=False, file=out)
+    if step is not None:
+        _log.bar.update(step - _log.bar.n)
+    _log.bar.set_postfix_str(message.split(" | ", 1)[-1], refresh=True)
+
+
+def _close_bar() -> None:
+    if _log.bar is not None:
+        _log.bar.close()
+        _log.bar = None
+
+
+def _timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such values become null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def quiet_libraries() -> None:

@@ -93,7 +93,8 @@ def publish(work_dir: Path, reference: str, options: RegistryOptions) -> Publish
     target = parse_output_ref(reference)
     if isinstance(target, OciLayoutTarget):
         digest = package(adapter_dir, target)
-        events.info(f"output: oci:{target.path}:{target.tag} @ {digest}")
+        events.emit("push.done", f"output: {reference}@{digest} (an OCI image layout)",
+                    data={"reference": reference, "digest": digest, "uploaded_bytes": 0})
         return Published(digest, target, None)
     assert isinstance(target, RegistryTarget)
     tag = reference.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2] or "latest"
@@ -110,6 +111,7 @@ def publish(work_dir: Path, reference: str, options: RegistryOptions) -> Publish
             raise UserError(f"push failed: {e}",
                             fix=f"the adapter is safe in {adapter_dir}; fix the cause and re-run only the push: "
                                 f"tuner push {work_dir} {reference}") from None
-    events.info(f"push: done: {reference}@{result.digest}, {result.uploaded_bytes / 1e6:,.1f} MB uploaded, "
-                f"{result.skipped_blobs} blob(s) already there")
+    events.emit("push.done", f"push: done: {reference}@{result.digest}, {result.uploaded_bytes / 1e6:,.1f} MB "
+                             f"uploaded, {result.skipped_blobs} blob(s) already there",
+                data={"reference": reference, "digest": result.digest, "uploaded_bytes": result.uploaded_bytes})
     return Published(result.digest, layout, result)

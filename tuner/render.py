@@ -18,7 +18,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from tuner import __version__, distributed
+from tuner import __version__, distributed, termination
 from tuner.errors import EXIT_USER_ERROR, UserError
 from tuner.presets import bundled_dir
 from tuner.run import JobPlan
@@ -34,6 +34,7 @@ PUSH_SECRET_DIR = f"{CONFIG_DIR}/push-secret"
 PULL_SECRET_DIR = f"{CONFIG_DIR}/pull-secret"
 URL_HEADERS_DIR = f"{CONFIG_DIR}/url-headers"
 RENDEZVOUS_PORT = 29500
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # Kubernetes' default path, named for clarity
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _JOB_NAME_LIMIT = 63 - len("-tuning") - 6  # pod hostnames add "-<index>-xxxxx"; labels cap at 63
 
@@ -55,6 +56,7 @@ class RenderOptions:
     grace_seconds: int = distributed.DEFAULT_GRACE_SECONDS  # time to save a checkpoint after SIGTERM
     insecure_registries: tuple[str, ...] = ()
     url_headers_secret: str | None = None  # a Secret with key headers.json: HTTP headers per dataset host
+    log_format: str = "text"  # "json": one JSON event per log line (TUNER_LOG_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,14 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
            if nodes > 1 else {"name": "NODE_RANK", "value": "0"}]
     if tuning.output.image:
         env.append({"name": "DOCKER_CONFIG", "value": PUSH_SECRET_DIR})
+    # both containers: the log format, and the outcome as the termination message (`tuner status` reads it)
+    shared_env = [{"name": "TUNER_LOG_FORMAT", "value": options.log_format},
+                  {"name": termination.PATH_ENV, "value": TERMINATION_MESSAGE_PATH}]
+    env += shared_env
+    # The fetch container also needs NODE_RANK for its per-node work directory.
+    fetch_env = [e for e in env if e["name"] == "NODE_RANK"] + shared_env
+    if options.url_headers_secret:
+        fetch_env.append({"name": "TUNER_URL_HEADERS_FILE", "value": f"{URL_HEADERS_DIR}/headers.json"})
     if command:  # torchrun's wait for its workers after SIGTERM, within the pod's grace period
         env.append({"name": distributed.SHUTDOWN_ENV, "value": str(distributed.shutdown_seconds(options.grace_seconds))})
     selector = resource.label_selector
@@ -138,16 +148,12 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
         service_name=service_name, node_selector=selector.match_labels if selector else {},
         affinity=_affinity(selector.match_expressions if selector else [], resource.preferred_nodes),
         gpus=sku.gpu_count, image_pull_secrets=[{"name": s} for s in tuning.input.image_pull_secrets],
-        image=options.image, fetch_args=fetch_args, run_args=run_args, command=command, env=env,
+        image=options.image, fetch_args=fetch_args, run_args=run_args, command=command, env=env, fetch_env=fetch_env,
+        termination_message_path=TERMINATION_MESSAGE_PATH,
         container_security={"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
                             "capabilities": {"drop": ["ALL"]}},
         resources={"limits": {"nvidia.com/gpu": sku.gpu_count}} if sku.gpu_count else {},
         fetch_mounts=fetch_mounts, run_mounts=run_mounts, volumes=volumes, rendezvous_port=RENDEZVOUS_PORT)
-    # The fetch container also needs NODE_RANK for its per-node work directory.
-    fetch_env = [e for e in env if e["name"] == "NODE_RANK"]
-    if options.url_headers_secret:
-        fetch_env.append({"name": "TUNER_URL_HEADERS_FILE", "value": f"{URL_HEADERS_DIR}/headers.json"})
-    job["spec"]["template"]["spec"]["initContainers"][0]["env"] = fetch_env
     manifests.append(job)
     if options.resume and not options.work_pvc:
         manifests.append(_template("pvc.yaml", name=f"{job_name}-work", **common,

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuner import __version__, distributed, events
+from tuner import __version__, distributed, events, summary
 from tuner.errors import UserError
 from tuner.fetch import InputFile, fetch_inputs
 from tuner.presets import Preset, get_preset
+from tuner.report import EVENTS_FILE
 from tuner.spec import DataSource, Workspace, load_workspace, local_host_path
 from tuner.training_config import TrainingConfig, build_config, load_config_file
 
@@ -123,6 +125,8 @@ def run_job(plan: JobPlan, *, skip_fetch: bool = False, restart: bool = False) -
                     "then training; rank 0 logs the progress")
     timeout = timedelta(seconds=int(plan.config.training_arguments.get("ddp_timeout", DEFAULT_DDP_TIMEOUT)))
     with distributed.process_group(ranks, timeout), distributed.quiet_unless_main(ranks):
+        if ranks.is_main:  # closed by the CLI once the job's last event (success or failure) is in
+            events.record_to(plan.work_dir / EVENTS_FILE)
         return _run_stages(plan, ranks, skip_fetch, restart)
 
 
@@ -131,10 +135,13 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
     from tuner.publish import ADAPTER_DIR, SUMMARY_FILE
 
     tuning = plan.workspace.tuning
-    started = _now()
-    events.info(f"tuner {__version__}: workspace {plan.workspace.metadata.name} | preset {plan.preset.name} | "
-                f"method {tuning.method} | work dir {plan.work_dir}"
-                + (f" | {ranks.world_size} processes" if ranks.distributed else ""))
+    started = summary.now()
+    devices = _devices(ranks)
+    events.emit("job.started", f"tuner {__version__}: workspace {plan.workspace.metadata.name} | preset "
+                               f"{plan.preset.name} | method {tuning.method} | {devices} | work dir {plan.work_dir}",
+                data={"tuner_version": __version__, "workspace": plan.workspace.metadata.name,
+                      "preset": plan.preset.name, "method": tuning.method, "devices": devices,
+                      "world_size": ranks.world_size, "work_dir": str(plan.work_dir)})
     stages: dict[str, float] = {}
     for key in ("dataset_path", "dataset_extension"):
         if plan.config.dataset.get(key):
@@ -155,6 +162,7 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
             prepared = _prepare_once(inputs, tokenizer, plan, prepared_dir)
             for line in prepared.stats.log_lines():
                 events.info(line)
+            _data_prepared(prepared.stats)
         if not len(prepared.train):
             raise UserError("no training rows are left after preparation", where="tuning.input",
                             fix="check the dataset's format and the dropped-row reasons above")
@@ -180,12 +188,12 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
     if finished:
         if not ranks.is_main:
             return None
-        summary = _finished_summary(plan.work_dir, adapter_dir, identity)
-        events.info(f"train: skipped: this job finished training on {summary['finished']} "
+        finished_summary = _finished_summary(plan.work_dir, adapter_dir, identity)
+        events.info(f"train: skipped: this job finished training on {finished_summary['finished']} "
                     "(--restart trains again)")
-        _package(plan, summary, adapter_dir, result_file, stages)
-        events.info(f"done: nothing to redo; {_where_results_are(summary, adapter_dir, result_file)}")
-        return summary
+        _package(plan, finished_summary, adapter_dir, result_file, stages)
+        _succeeded(finished_summary, adapter_dir, result_file, trained=False)
+        return finished_summary
     if restart and ranks.is_main:  # the old adapter no longer counts as this job's finished one
         for stale in (adapter_dir / SUMMARY_FILE, result_file):
             stale.unlink(missing_ok=True)
@@ -195,22 +203,60 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
     if not ranks.is_main:
         return None
 
-    summary = _summary(plan, inputs, stats, result, stages, started, ranks.world_size)
-    summary["job"] = identity
-    (adapter_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    result_file.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    _package(plan, summary, adapter_dir, result_file, stages)
-    events.info(f"done: train loss {result.train_loss:.4f}"
-                + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
-                + f", {result.steps} steps, {result.tokens_per_second:,.0f} tok/s; "
-                + _where_results_are(summary, adapter_dir, result_file))
-    return summary
+    _draw_curve(plan.work_dir, adapter_dir)
+    job_summary = summary.build(plan, inputs, stats, result, stages, started, ranks.world_size)
+    job_summary["job"] = identity
+    (adapter_dir / SUMMARY_FILE).write_text(json.dumps(job_summary, indent=2, sort_keys=True) + "\n")
+    result_file.write_text(json.dumps(job_summary, indent=2, sort_keys=True) + "\n")
+    _package(plan, job_summary, adapter_dir, result_file, stages)
+    _succeeded(job_summary, adapter_dir, result_file, trained=True)
+    return job_summary
 
 
-def _where_results_are(summary: dict, adapter_dir: Path, result_file: Path) -> str:
-    image = summary.get("image")
-    return (f"adapter in {adapter_dir}, summary in {result_file}"
-            + (f", image {image['reference']}@{image['digest']}" if image else ""))
+def _devices(ranks: distributed.Ranks) -> str:
+    """What trains: "2 processes x NVIDIA A100 80GB PCIe", "1x Tesla V100-PCIE-16GB", "cpu (2 cores)"."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(ranks.local_rank)
+        return f"{ranks.world_size} processes x {name}" if ranks.distributed else f"1x {name}"
+    return f"cpu ({os.cpu_count()} cores)" + (f" x {ranks.world_size} processes" if ranks.distributed else "")
+
+
+def _data_prepared(stats: DataStats) -> None:
+    events.emit("data.prepared", f"data: {stats.train_rows:,} train / {stats.eval_rows:,} eval rows, "
+                                 f"{stats.tokens:,} tokens ({stats.label_tokens:,} with loss)",
+                metrics={"rows_read": stats.rows_read, "rows_kept": stats.rows_kept, "train_rows": stats.train_rows,
+                         "eval_rows": stats.eval_rows, "tokens": stats.tokens, "label_tokens": stats.label_tokens,
+                         "length_p50": stats.length_p50, "length_p95": stats.length_p95,
+                         "length_max": stats.length_max},
+                data={"files": [f.path for f in stats.files], "dropped": {k: d.count for k, d in stats.dropped.items()}})
+
+
+def _draw_curve(work_dir: Path, adapter_dir: Path) -> None:
+    """The loss curve into the adapter (so into the output and the image); never fails the job."""
+    from tuner import report
+
+    try:
+        curve = report.draw(work_dir / EVENTS_FILE, adapter_dir / report.CURVE_FILE)
+    except (UserError, OSError, ValueError) as exc:
+        events.warn(f"no loss curve: {exc}")
+        return
+    events.info(f"report: loss curve in {curve} (`tuner report {work_dir}` draws any logged metric)")
+
+
+def _succeeded(job_summary: dict, adapter_dir: Path, result_file: Path, *, trained: bool) -> None:
+    """The table, the job.succeeded event and the termination message."""
+    from tuner import termination
+    from tuner.report import CURVE_FILE
+
+    results: dict[str, Path | str] = {"adapter": adapter_dir, "result": result_file}
+    if (adapter_dir / CURVE_FILE).is_file():
+        results["curve"] = adapter_dir / CURVE_FILE
+    if image := job_summary.get("image"):
+        results["image"] = f"{image['reference']}@{image['digest']}"
+    summary.succeeded(job_summary, results, trained=trained)
+    termination.write(termination.succeeded(job_summary))
 
 
 def _job_identity(plan: JobPlan, inputs: list[InputFile], prepared: PreparedData) -> dict:
@@ -238,7 +284,8 @@ def _finished_summary(work_dir: Path, adapter_dir: Path, identity: dict) -> dict
     return summary
 
 
-def _package(plan: JobPlan, summary: dict, adapter_dir: Path, result_file: Path, stages: dict[str, float]) -> None:
+def _package(plan: JobPlan, job_summary: dict, adapter_dir: Path, result_file: Path,
+             stages: dict[str, float]) -> None:
     """Copy the adapter to the output volume, or publish it as an image; record that in result.json."""
     from tuner.oci import RegistryTarget
     from tuner.publish import publish
@@ -254,8 +301,9 @@ def _package(plan: JobPlan, summary: dict, adapter_dir: Path, result_file: Path,
             reference = (plan.output.reference if isinstance(plan.output, RegistryTarget)
                          else f"oci:{plan.output.path}:{plan.output.tag}")
             published = publish(plan.work_dir, reference, plan.registry)
-            summary["image"] = {"reference": reference, "digest": published.digest}
-    result_file.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            job_summary["image"] = {"reference": reference, "digest": published.digest}
+    job_summary["stage_seconds"] = summary.stage_seconds(stages)
+    result_file.write_text(json.dumps(job_summary, indent=2, sort_keys=True) + "\n")
 
 
 def _fetch(source: DataSource, workspace_path: Path, work_dir: Path, allow_private_urls: bool,
@@ -354,40 +402,12 @@ def _prepare(files: list[Path], tokenizer, config: TrainingConfig, max_length: i
         bad_rows=dataset.get("bad_rows", "drop"), long_rows=dataset.get("long_rows", "truncate"))
 
 
-def _summary(plan: JobPlan, inputs: list[InputFile], stats, result, stages: dict[str, float], started: str,
-             world_size: int) -> dict:
-    source = plan.preset.source
-    return {
-        "tuner_version": __version__,
-        "workspace": plan.workspace.metadata.name,
-        "preset": plan.preset.name,
-        "base_model": {"hub_id": source.hub_id, "revision": source.revision,
-                       "gguf": f"{source.gguf_package}/{source.gguf_file}" if source.gguf_package else None},
-        "method": plan.workspace.tuning.method,
-        "config_digest": plan.config.digest(),
-        "config": plan.config.as_sections(),
-        "datasets": [{"source": f.source, "sha256": f.sha256, "bytes": f.size} for f in inputs],
-        "data": asdict(stats),
-        "max_length": plan.max_length,
-        "world_size": world_size,
-        "train": {k: v for k, v in asdict(result).items() if k != "log_history"}
-                 | {"tokens_per_second": round(result.tokens_per_second, 1)},
-        "loss_history": [{"step": e["step"], "loss": e["loss"]} for e in result.log_history if "loss" in e],
-        "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
-        "started": started,
-        "finished": _now(),
-    }
-
-
 @contextmanager
 def _stage(name: str, durations: dict[str, float]) -> Iterator[None]:
     """Time a stage and log its start and, when it succeeds, its duration."""
     started = time.monotonic()
-    events.info(f"stage {name}: started")
+    events.emit("stage", f"stage {name}: started", data={"name": name, "state": "started"})
     yield
     durations[name] = time.monotonic() - started
-    events.info(f"stage {name}: done in {durations[name]:.1f}s")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    events.emit("stage", f"stage {name}: done in {durations[name]:.1f}s", metrics={"seconds": round(durations[name], 3)},
+                data={"name": name, "state": "done"})

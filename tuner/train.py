@@ -17,14 +17,17 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           TrainerCallback, TrainingArguments)
 
 from tuner import checkpoints, distributed, events
+from tuner.progress import ProgressEvents
 from tuner.data import PreparedData
 from tuner.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
-from tuner.errors import UserError
+from tuner.errors import EXIT_PREEMPTED, Preempted, UserError
 from tuner.precision import Precision, choose_precision
 from tuner.presets import Preset
 from tuner.training_config import TrainingConfig
 
 DEFAULT_LOGGING_STEPS = 0.02  # a ratio of the total: about 50 progress lines per run
+DEFAULT_EVAL_STEPS = 0.2  # with an eval split: evaluate at every fifth of the run (a ratio of the total)
+BASE_EVAL_FILE = "base_eval.json"  # in WORK/checkpoints: the base model's eval loss, for a resumed run
 _MODEL_PASSTHROUGH = ("trust_remote_code", "attn_implementation")
 
 
@@ -38,6 +41,7 @@ class TrainResult:
     train_loss: float
     final_loss: float | None
     eval_loss: float | None
+    base_eval_loss: float | None  # the base model's, on the same eval rows (None: no eval split)
     tokens_seen: int
     seconds: float
     precision: str
@@ -76,7 +80,7 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     Checkpoints go to WORK/checkpoints (see `tuner.checkpoints` for when). With an `identity`
     (see `checkpoints.job_identity`), training resumes from the latest complete checkpoint of the
     same job, refuses one of another job (UserError), or with `restart` deletes them first. On
-    SIGTERM it saves a checkpoint, stops and raises `checkpoints.Preempted` (exit 143) without
+    SIGTERM it saves a checkpoint, stops and raises `errors.Preempted` (exit 143) without
     writing the adapter. Under torchrun every rank calls this; each node's local rank 0 writes
     the checkpoints into its node's work dir, and only rank 0 writes the adapter.
     """
@@ -91,7 +95,7 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     args = _training_arguments(config, precision, checkpoint_dir, has_eval=eval_set is not None,
                                packed=isinstance(collator, PackingCollator))
     resume = _resume_point(checkpoint_dir, identity, restart) if identity is not None else None
-    progress = _ProgressLog()
+    progress = ProgressEvents()
     stop = checkpoints.StopFlag()
     saving = checkpoints.CheckpointCallback(checkpoint_dir, checkpoints.save_minutes(), stop)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
@@ -103,6 +107,8 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
         resumed_from = checkpoints.checkpoint_step(resume) or 0
         total = _recorded_max_steps(resume)
         events.info(f"resume: from {resume.name} (step {resumed_from} of {total if total else '?'})")
+    if eval_set is not None:
+        _evaluate_base(trainer, progress, checkpoint_dir, resumed=resume is not None)
     started = time.monotonic()
     with checkpoints.sigterm_stops(stop):
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -115,9 +121,9 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     if saving.stopped_by_signal:
         saved = checkpoint_dir / f"checkpoint-{state.global_step}"
         events.info(f"preempted: stopped at step {state.global_step} of {state.max_steps}; {saved.name} saved; "
-                    f"exiting with {checkpoints.EXIT_PREEMPTED} so the job is retried and resumes from it")
-        raise checkpoints.Preempted(state.global_step, saved)
-    eval_loss = trainer.evaluate()["eval_loss"] if len(data.eval) else None
+                    f"exiting with {EXIT_PREEMPTED} so the job is retried and resumes from it")
+        raise Preempted(state.global_step, state.max_steps, saved.name)
+    eval_loss = _final_eval_loss(trainer) if eval_set is not None else None
     if trainer.is_world_process_zero():
         adapter_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(adapter_dir)
@@ -126,7 +132,7 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     return TrainResult(
         steps=state.global_step, total_steps=state.max_steps, epochs=round(state.epoch or 0.0, 4),
         train_loss=output.training_loss, final_loss=losses[-1] if losses else None, eval_loss=eval_loss,
-        tokens_seen=int(state.num_input_tokens_seen), seconds=seconds, precision=precision.name,
+        base_eval_loss=progress.base_eval_loss, tokens_seen=int(state.num_input_tokens_seen), seconds=seconds, precision=precision.name,
         trainable_parameters=trainable, log_history=list(state.log_history), resumed_from_step=resumed_from,
         checkpoints_saved=saving.saves, checkpoint_seconds=round(saving.save_seconds, 3),
     )
@@ -173,6 +179,34 @@ def _resume_point(folder: Path, identity: dict[str, Any], restart: bool) -> Path
     return folder / f"checkpoint-{step}" if step is not None else None
 
 
+def _final_eval_loss(trainer: Trainer) -> float:
+    """The finished adapter's eval loss: the last evaluation's when it ran at the last step, else a new one."""
+    state = trainer.state
+    last = next((e for e in reversed(state.log_history) if "eval_loss" in e), None)
+    if last is not None and last.get("step") == state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def _evaluate_base(trainer: Trainer, progress: ProgressEvents, checkpoint_dir: Path, resumed: bool) -> None:
+    """The base model's eval loss: measured before the first step (LoRA's B matrices are still zero,
+    so the model is the base model), recorded beside the checkpoints, and read back on a resume."""
+    record = checkpoint_dir / BASE_EVAL_FILE
+    if resumed:
+        try:
+            progress.base_eval_loss = float(json.loads(record.read_text())["eval_loss"])
+        except (OSError, ValueError, KeyError, TypeError):
+            progress.base_eval_loss = None  # this node did not record it (only rank 0's node does)
+        return
+    progress.phase = "base"
+    try:
+        loss = trainer.evaluate()["eval_loss"]
+    finally:
+        progress.phase = "adapter"
+    if trainer.is_world_process_zero():
+        checkpoints.write_json_atomically(record, {"eval_loss": loss})
+
+
 def _recorded_max_steps(checkpoint: Path) -> int | None:
     try:
         return int(json.loads((checkpoint / "trainer_state.json").read_text())["max_steps"])
@@ -189,7 +223,8 @@ def _time_saves(trainer: Trainer, saving: checkpoints.CheckpointCallback) -> Non
         try:
             return original(*args, **kwargs)
         finally:
-            saving.save_seconds += time.monotonic() - began
+            saving.last_save_seconds = time.monotonic() - began
+            saving.save_seconds += saving.last_save_seconds
 
     trainer._save_checkpoint = timed
 
@@ -268,6 +303,8 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
         args.setdefault("save_on_each_node", True)
     if not has_eval:
         args["eval_strategy"] = "no"
+    elif "eval_strategy" not in args:  # an eval curve for the report: a few evaluations during the run
+        args.update(eval_strategy="steps", eval_steps=args.get("eval_steps", DEFAULT_EVAL_STEPS))
     try:
         return TrainingArguments(**args)
     except (ValueError, TypeError) as exc:
@@ -324,9 +361,9 @@ class _ProgressLog(TrainerCallback):
         if self.first_step is None:  # a resumed run's state is loaded after on_train_begin
             self.started = time.monotonic()
             self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen
-        events.info(f"train: {state.max_steps:,} steps, {args.num_train_epochs:g} epochs, "
-                    f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation"
-                    + (f" x {args.world_size} processes" if args.world_size > 1 else ""))
+            events.info(f"train: {state.max_steps:,} steps, {args.num_train_epochs:g} epochs, "
+                        f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation"
+                        + (f" x {args.world_size} processes" if args.world_size > 1 else ""))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
