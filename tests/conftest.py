@@ -28,6 +28,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The converted SmolLM2 folder is reused across runs (conversion takes ~30 s).
 os.environ.setdefault("TUNER_CACHE_DIR", str(REPO / ".cache" / "tuner"))
+os.environ.pop("TUNER_LOG_FORMAT", None)  # tests choose the log form themselves
+
+
+@pytest.fixture(autouse=True)
+def plain_text_log() -> Iterator[None]:
+    """Each test starts with text log lines and no event record, whatever a test before it chose."""
+    from tuner import events
+
+    events.configure("text")
+    yield
+    events.record_to(None)
 
 
 @pytest.fixture(scope="session")

@@ -20,15 +20,6 @@ from tuner.errors import UserError
 KEYS = {"type", "time", "level", "message"}
 
 
-@pytest.fixture(autouse=True)
-def text_form():
-    """Every test starts and ends in the default form, recording nothing."""
-    events.configure("text")
-    yield
-    events.configure("text")
-    events.record_to(None)
-
-
 def test_text_form_is_one_stamped_line_per_event():
     out = io.StringIO()
     events.emit("stage", "stage fetch: started", data={"name": "fetch"}, stream=out)

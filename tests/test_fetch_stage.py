@@ -71,3 +71,13 @@ def test_fetch_lists_a_volume_input_without_copying_it(tmp_path):
     marker = json.loads((inputs / ".fetched.json").read_text())
     assert [Path(f["path"]) for f in marker["files"]] == [tmp_path / "data" / "rows.jsonl"]
     assert [p.name for p in inputs.iterdir()] == [".fetched.json"]
+
+
+def test_fetch_in_json_form_prints_only_events(tmp_path, served, capsys):
+    urls = served[1]
+    assert cli.main(["fetch", str(workspace(tmp_path, urls)), "--work-dir", str(tmp_path / "work"),
+                     "--allow-private-urls", "--log-format", "json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["type"] for e in printed] == ["message"] * 3
+    assert printed[-1]["message"].startswith("fetched 2 input files (")
+    assert all("part" in e["message"] for e in printed[:2])

@@ -46,7 +46,6 @@ def config(tmp_path: Path, model_dir: Path) -> Path:
 def run_tuner(tmp_path: Path, model_dir: Path, base_url: str, *extra: str) -> subprocess.CompletedProcess:
     """`tuner run` as a user's shell pipe would see it (stdout and stderr are pipes, not a terminal)."""
     env = {**os.environ, "TUNER_TERMINATION_LOG": str(tmp_path / "termination-log")}
-    env.pop("TUNER_LOG_FORMAT", None)
     return subprocess.run(
         [sys.executable, "-m", "tuner.cli", "run", str(workspace(tmp_path, [f"{base_url}/overfit.jsonl"])),
          "--config", str(config(tmp_path, model_dir)), "--work-dir", str(tmp_path / "work"),

@@ -290,7 +290,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         marker, inputs = fetch_job(args.workspace, work_dir=args.work_dir, allow_private_urls=args.allow_private_urls,
                                    registry=_registry_options(args))
-        print(f"fetched {len(inputs)} input files ({sum(f.size for f in inputs):,} bytes): {marker}")
+        events.info(f"fetched {len(inputs)} input files ({sum(f.size for f in inputs):,} bytes): {marker}")
         return EXIT_OK
     from tuner.run import plan_job, run_job
 

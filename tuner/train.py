@@ -100,7 +100,7 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     saving = checkpoints.CheckpointCallback(checkpoint_dir, checkpoints.save_minutes(), stop)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=collator, callbacks=[progress, saving])
-    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _ProgressLog writes the lines
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressEvents writes the lines
     _time_saves(trainer, saving)
     resumed_from = 0
     if resume is not None:
