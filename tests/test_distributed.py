@@ -116,6 +116,18 @@ def test_two_processes_on_one_node(tmp_path, job, lora_shapes):
     assert "adapter_model.safetensors" in {p.name for p in files}
 
 
+def test_time_based_checkpoints_under_ddp_hold_every_ranks_state(tmp_path, job, lora_shapes, monkeypatch):
+    monkeypatch.setenv("TUNER_CHECKPOINT_MINUTES", "0.0001")  # due at every step
+    work, layout = tmp_path / "work", tmp_path / "layout"
+    [(code, log)] = run_together([torchrun(["--standalone", "--nproc_per_node=2"], job, work, layout)], tmp_path)
+    assert code == 0, log
+    saved = sorted(int(p.name.split("-")[1]) for p in (work / "checkpoints").glob("checkpoint-*"))
+    assert saved == [STEPS - 1, STEPS]  # saved at every step, the last 2 kept
+    assert {p.name for p in (work / "checkpoints" / f"checkpoint-{STEPS}").glob("rng_state_*.pth")} == {
+        "rng_state_0.pth", "rng_state_1.pth"}
+    assert f"checkpoints: {STEPS} saved" in log
+
+
 def test_two_nodes_each_with_its_own_work_dir(tmp_path, job, lora_shapes):
     port = free_port()
     nodes = [(tmp_path / f"node{rank}" / "work", tmp_path / f"node{rank}" / "layout") for rank in (0, 1)]
@@ -229,3 +241,36 @@ def test_two_nodes_preempted_resume_from_the_latest_checkpoint_both_hold(tmp_pat
     summary = json.loads((works[0] / "result.json").read_text())
     assert summary["train"]["steps"] == MAX_STEPS and summary["train"]["resumed_from_step"] == shared
     assert adapter_shapes(works[0] / ADAPTER) == lora_shapes
+
+
+def _decide_on_one_rank(rank: int, init_file: str, decisions) -> None:
+    """One gloo rank: rank 0's last save is old (a save is due), rank 1 just got SIGTERM."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from tuner.checkpoints import CheckpointCallback, StopFlag
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        stop = StopFlag()
+        stop.set = rank == 1
+        callback = CheckpointCallback(Path(init_file).parent, minutes=10, stop=stop)
+        callback.last_save = time.monotonic() - (11 * 60 if rank == 0 else 0)
+        args = type("Args", (), {"device": torch.device("cpu")})()
+        control = callback.on_step_end(args, TrainerState(global_step=7), TrainerControl())
+        decisions[rank] = (control.should_save, control.should_training_stop)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_the_save_and_stop_decisions_of_any_rank(tmp_path):
+    """Each rank has its own clock and its own SIGTERM: a save that is due on one rank, or a stop
+    asked of one, happens on all at the same step (or one would wait in the save while the other
+    trains on)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        decisions = manager.dict()
+        mp.spawn(_decide_on_one_rank, args=(str(tmp_path / "rendezvous"), decisions), nprocs=2)
+        assert dict(decisions) == {0: (True, True), 1: (True, True)}

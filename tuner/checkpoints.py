@@ -188,9 +188,12 @@ class CheckpointCallback(TrainerCallback):
         self.last_save = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interval > 0 and time.monotonic() - self.last_save >= self.interval:
+        due = self.interval > 0 and time.monotonic() - self.last_save >= self.interval
+        # every rank must take the same decisions: each has its own clock and its own signal
+        self.stop.set, due = any_rank(args, self.stop.set, due)
+        if due:
             control.should_save = True
-        if self.stop.agreed(args):
+        if self.stop.set:
             self.stopped_by_signal = True
             control.should_save = True
             control.should_training_stop = True
@@ -219,22 +222,23 @@ def _wait_for_every_rank() -> None:
 
 
 class StopFlag:
-    """Set by the SIGTERM handler; read (and, under DDP, agreed on by every rank) at each step's end."""
+    """Set by the SIGTERM handler; read at each step's end."""
 
     def __init__(self):
         self.set = False
 
-    def agreed(self, args) -> bool:
-        import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self.set
-        import torch
+def any_rank(args, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any rank (one all-reduce under DDP; as given otherwise)."""
+    import torch.distributed as dist
 
-        flag = torch.tensor([1 if self.set else 0], device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.set = bool(flag.item())
-        return self.set
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flags
+    import torch
+
+    agreed = torch.tensor([int(flag) for flag in flags], device=args.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return tuple(bool(value) for value in agreed.tolist())
 
 
 class sigterm_stops:
