@@ -4,10 +4,11 @@ On the embedded default (SmolLM2-135M-Instruct, the demo data, its batch and max
 in one invocation:
 1. a fresh run of `--steps` (default 1000) with the default checkpoint plan (every 500 steps or
    10 minutes, last 2 kept): the share of training time spent saving checkpoints, as tuner itself
-   measures it (the seconds inside the Trainer's save, against the training seconds), and the
-   time from process start to the first training step;
-2. the same job in a new work dir, stopped with SIGTERM at step 20 (a checkpoint there), then run
-   again: the time from process start to its first step (the resume), against run 1's (fresh).
+   measures it (the seconds inside the Trainer's save against the training seconds, from
+   result.json);
+2. the same job in a new work dir, stopped with SIGTERM at step 20 (a checkpoint where it stops),
+   then run again and stopped at its first step: the time from process start to the first step,
+   resumed against fresh.
 
 Usage: HF_HUB_OFFLINE=1 python scripts/bench_checkpoints.py [--steps 1000]
 """
@@ -15,6 +16,7 @@ Usage: HF_HUB_OFFLINE=1 python scripts/bench_checkpoints.py [--steps 1000]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -29,7 +31,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "tuner" / "demo"
 STEP_RE = re.compile(r" step (\d+)/\d+ ")
-SAVES_RE = re.compile(r"checkpoints: (\d+) saved in ([\d.]+)s \(([\d.]+)% of ([\d.]+)s training\)")
 STOP_AT = 20
 
 
@@ -77,15 +78,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuner-bench-ckpt-") as folder:
         scratch = Path(folder)
         args = job_files(scratch, options.steps)
-        log, fresh_first = run(args, scratch / "long" / "work")
-        saves = SAVES_RE.search(log)
-        if not saves:
-            raise SystemExit(f"no checkpoint line in the log:\n{log[-2000:]}")
-        count, save_seconds, share, train_seconds = saves.groups()
-        print(f"default plan, {options.steps} steps: {count} checkpoints, {save_seconds}s saving of "
-              f"{train_seconds}s training = {share}% overhead")
-        run(args, scratch / "resumed" / "work", stop_at=STOP_AT)
-        log, resume_first = run(args, scratch / "resumed" / "work")
+        run(args, scratch / "long" / "work")
+        train = json.loads((scratch / "long" / "work" / "result.json").read_text())["train"]
+        print(f"default plan, {options.steps} steps: {train['checkpoints_saved']} checkpoints, "
+              f"{train['checkpoint_seconds']:.3f}s saving of {train['seconds']:.1f}s training = "
+              f"{100 * train['checkpoint_seconds'] / train['seconds']:.3f}% overhead", flush=True)
+        _, fresh_first = run(args, scratch / "resumed" / "work", stop_at=STOP_AT)
+        log, resume_first = run(args, scratch / "resumed" / "work", stop_at=0)  # stopped at its first step
         resumed = re.search(r"resume: from (checkpoint-\d+)", log)
         if not resumed:
             raise SystemExit(f"the second run did not resume:\n{log[-2000:]}")

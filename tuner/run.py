@@ -203,7 +203,7 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
     if not ranks.is_main:
         return None
 
-    _draw_curve(plan.work_dir, adapter_dir)
+    _draw_curve(plan, adapter_dir)
     job_summary = summary.build(plan, inputs, stats, result, stages, started, ranks.world_size)
     job_summary["job"] = identity
     (adapter_dir / SUMMARY_FILE).write_text(json.dumps(job_summary, indent=2, sort_keys=True) + "\n")
@@ -233,16 +233,17 @@ def _data_prepared(stats: DataStats) -> None:
                 data={"files": [f.path for f in stats.files], "dropped": {k: d.count for k, d in stats.dropped.items()}})
 
 
-def _draw_curve(work_dir: Path, adapter_dir: Path) -> None:
+def _draw_curve(plan: JobPlan, adapter_dir: Path) -> None:
     """The loss curve into the adapter (so into the output and the image); never fails the job."""
     from tuner import report
 
+    title = f"{plan.workspace.metadata.name}: {plan.workspace.tuning.method} on {plan.preset.name}"
     try:
-        curve = report.draw(work_dir / EVENTS_FILE, adapter_dir / report.CURVE_FILE)
+        curve = report.draw(plan.work_dir / EVENTS_FILE, adapter_dir / report.CURVE_FILE, title=title)
     except (UserError, OSError, ValueError) as exc:
         events.warn(f"no loss curve: {exc}")
         return
-    events.info(f"report: loss curve in {curve} (`tuner report {work_dir}` draws any logged metric)")
+    events.info(f"report: loss curve in {curve} (`tuner report {plan.work_dir}` draws any logged metric)")
 
 
 def _succeeded(job_summary: dict, adapter_dir: Path, result_file: Path, *, trained: bool) -> None:
