@@ -31,6 +31,8 @@ from kubernetes import client
 
 from tuner import kube
 from tuner.errors import UserError
+from tuner.events import last_progress_line
+from tuner.termination import describe_result
 
 NS = "tuning"
 WS = "demo"
@@ -274,10 +276,10 @@ PROGRESS_LOG = (
 
 
 def test_last_progress_line():
-    assert kube.last_progress_line(PROGRESS_LOG) == \
+    assert last_progress_line(PROGRESS_LOG) == \
         "15:15:40 step 6/40 (15%) | epoch 0.60 | loss 2.1000 | lr 1.9e-04 | 170 tok/s | eta 1m02s"
-    assert kube.last_progress_line("15:15:41 eval: step 6 | eval_loss 2.0100\nstep 3/4 (75%)\n") is None
-    assert kube.last_progress_line("") is None
+    assert last_progress_line("15:15:41 eval: step 6 | eval_loss 2.0100\nstep 3/4 (75%)\n") is None
+    assert last_progress_line("") is None
 
 
 def json_event(type_: str, message: str, time_: str = "2026-11-24T20:16:31.123Z", **extra) -> str:
@@ -298,7 +300,7 @@ def test_last_progress_line_of_a_json_log_is_the_latest_train_step_message():
         json_event("message", "warning: something harmless", "2026-11-24T20:16:34.000Z"),
     ]) + "\n"
     # The same text as in text mode: the UTC clock time of the event, then its message.
-    assert kube.last_progress_line(log) == f"20:16:31 {STEP_4}"
+    assert last_progress_line(log) == f"20:16:31 {STEP_4}"
 
 
 def test_last_progress_line_of_a_mixed_log_skips_broken_json():
@@ -310,8 +312,8 @@ def test_last_progress_line_of_a_mixed_log_skips_broken_json():
         '{"type": "train.step", "message": 5}',
         "[1, 2, 3]",
     ])
-    assert kube.last_progress_line(log) == f"20:16:31 {STEP_4}"
-    assert kube.last_progress_line(log + "\n20:16:40 " + STEP_5 + "\n") == f"20:16:40 {STEP_5}"
+    assert last_progress_line(log) == f"20:16:31 {STEP_4}"
+    assert last_progress_line(log + "\n20:16:40 " + STEP_5 + "\n") == f"20:16:40 {STEP_5}"
 
 
 SUCCEEDED = {"status": "succeeded", "steps": 40, "total_steps": 40, "epochs": 4.0, "train_loss": 0.512,
@@ -327,33 +329,33 @@ def compact(outcome: dict) -> str:
 
 
 def test_describe_result_succeeded():
-    assert kube.describe_result(compact(SUCCEEDED)) == (
+    assert describe_result(compact(SUCCEEDED)) == (
         "succeeded: 40/40 steps, 4.00 epochs, 9,900 tokens | train loss 0.5120 | eval loss base 3.2100 -> "
         "adapter 0.9800 | image registry.example/team/adapter:v1@sha256:abcd | 1m15s")
 
 
 def test_describe_result_succeeded_without_eval_split_or_image():
     outcome = {**SUCCEEDED, "eval_loss": None, "image": None, "seconds": 42.9}
-    assert kube.describe_result(compact(outcome)) == (
+    assert describe_result(compact(outcome)) == (
         "succeeded: 40/40 steps, 4.00 epochs, 9,900 tokens | train loss 0.5120 | 42s")
 
 
 def test_describe_result_failed():
-    assert kube.describe_result(compact(FAILED)) == (
+    assert describe_result(compact(FAILED)) == (
         "failed (exit 2, user_error): tuning.input.urls[0]: not found; fix the URL")
-    assert kube.describe_result(compact({**FAILED, "error": {**FAILED["error"], "param": None}})) == (
+    assert describe_result(compact({**FAILED, "error": {**FAILED["error"], "param": None}})) == (
         "failed (exit 2, user_error): tuning.input.urls[0]: not found; fix the URL")
 
 
 def test_describe_result_preempted():
-    assert kube.describe_result(compact(PREEMPTED)) == "preempted at step 17/40: resumes from checkpoint-17 on retry"
+    assert describe_result(compact(PREEMPTED)) == "preempted at step 17/40: resumes from checkpoint-17 on retry"
 
 
 def test_describe_result_of_a_log_tail_or_unknown_json_is_its_last_line():
     tail = "step 3/40 (7%) | loss 3.9\nTraceback (most recent call last):\n  ...\nRuntimeError: CUDA error\n\n"
-    assert kube.describe_result(tail) == "last log lines: RuntimeError: CUDA error"
-    assert kube.describe_result('{"status":"exploded"}') == 'last log lines: {"status":"exploded"}'
-    assert kube.describe_result('{"status":"succeeded","steps":4') == 'last log lines: {"status":"succeeded","steps":4'
+    assert describe_result(tail) == "last log lines: RuntimeError: CUDA error"
+    assert describe_result('{"status":"exploded"}') == 'last log lines: {"status":"exploded"}'
+    assert describe_result('{"status":"succeeded","steps":4') == 'last log lines: {"status":"succeeded","steps":4'
 
 
 def terminated(outcome: dict | str, exit_code: int = 0) -> list[dict]:

@@ -8,6 +8,7 @@ JSON (`--log-format json`, or `TUNER_LOG_FORMAT=json`): one object per line with
 `time`, `level` and `message`, and where they apply `step`, `metrics`, `data` and `error` (the
 README documents the schema). While a job runs, every event is also appended to
 WORK/events.jsonl in the JSON form, whatever the log format, for `tuner report`.
+`last_progress_line` reads either form back (for `tuner status`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -31,6 +33,10 @@ FORMATS = ("text", "json")
 TYPES = ("job.started", "stage", "data.prepared", "train.started", "train.step", "checkpoint.saved", "eval",
          "push.done", "job.succeeded", "job.preempted", "job.failed", "message")
 
+# Text form's stamp + the trainer's progress line: "15:15:31 step 6/40 (15%) | epoch ... | eta 1m15s".
+PROGRESS_LINE = re.compile(r"^\d{2}:\d{2}:\d{2} step \d+/\d+ \(\d+%\)")
+# The UTC clock time of a JSON event's `time` ("2026-11-24T20:16:31.123Z"): the text mode's stamp.
+_EVENT_CLOCK = re.compile(r"T(\d{2}:\d{2}:\d{2})")
 _BAR_ENDS = ("stage", "job.succeeded", "job.preempted", "job.failed")  # events after the training steps
 
 
@@ -117,6 +123,39 @@ def duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+def last_progress_line(log: str) -> str | None:
+    """The last progress line of a tuner log, if any, as `HH:MM:SS step N/M (P%) | ...`.
+
+    Text logs (`TUNER_LOG_FORMAT=text`) print it as is. JSON logs print one object per line; a
+    `train.step` event gives its `message`, stamped with the UTC clock time of its `time` as the text
+    mode does. Both kinds may be mixed (library output); lines that are neither, or broken JSON, are skipped.
+    """
+    for line in reversed(log.splitlines()):
+        line = line.strip()
+        if PROGRESS_LINE.match(line):
+            return line
+        if line.startswith("{"):
+            progress = _json_progress(line)
+            if progress:
+                return progress
+    return None
+
+
+def _json_progress(line: str) -> str | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != "train.step":
+        return None
+    message = event.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return None
+    message = " ".join(message.split())
+    clock = _EVENT_CLOCK.search(event["time"]) if isinstance(event.get("time"), str) else None
+    return f"{clock.group(1)} {message}" if clock else message
 
 
 def _write(out: TextIO, line: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 import weakref
@@ -36,17 +35,14 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from tuner.errors import UserError
-from tuner.events import duration
+from tuner.events import last_progress_line
+from tuner.termination import describe_result
 
 SPEC_DIGEST = "tuner.dev/spec-digest"
 OWNED_BY_JOB = "tuner.dev/owned-by-job"
 FETCH_CONTAINER = "fetch"
 TUNER_CONTAINER = "tuner"
 
-# `events.info` stamps + the trainer's progress line: "15:15:31 step 6/40 (15%) | epoch ... | eta 1m15s".
-PROGRESS_LINE = re.compile(r"^\d{2}:\d{2}:\d{2} step \d+/\d+ \(\d+%\)")
-# The UTC clock time of a JSON event's `time` ("2026-11-24T20:16:31.123Z"): the text mode's stamp.
-_EVENT_CLOCK = re.compile(r"T(\d{2}:\d{2}:\d{2})")
 
 _TIMEOUT = (10, 60)  # (connect, read) seconds for every non-streaming call
 _PROGRESS_TAIL = 200  # log lines read per pod to find the latest progress line
@@ -415,101 +411,6 @@ def status(api: client.ApiClient, name: str, namespace: str) -> JobStatus:
                      active=active, pods=[p["metadata"]["name"] for p in pods], progress=progress,
                      start_time=job_status.get("startTime"), completion_time=job_status.get("completionTime"),
                      result=_latest_result(pods))
-
-
-def last_progress_line(log: str) -> str | None:
-    """The last progress line of a tuner log, if any, as `HH:MM:SS step N/M (P%) | ...`.
-
-    Text logs (`TUNER_LOG_FORMAT=text`) print it as is. JSON logs print one object per line; a
-    `train.step` event gives its `message`, stamped with the UTC clock time of its `time` as the text
-    mode does. Both kinds may be mixed (library output); lines that are neither, or broken JSON, are skipped.
-    """
-    for line in reversed(log.splitlines()):
-        line = line.strip()
-        if PROGRESS_LINE.match(line):
-            return line
-        if line.startswith("{"):
-            progress = _json_progress(line)
-            if progress:
-                return progress
-    return None
-
-
-def _json_progress(line: str) -> str | None:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(event, dict) or event.get("type") != "train.step":
-        return None
-    message = event.get("message")
-    if not isinstance(message, str) or not message.strip():
-        return None
-    message = " ".join(message.split())
-    clock = _EVENT_CLOCK.search(event["time"]) if isinstance(event.get("time"), str) else None
-    return f"{clock.group(1)} {message}" if clock else message
-
-
-def describe_result(message: str) -> str:
-    """One line for a tuner container's termination message.
-
-    tuner writes its outcome there as one JSON object (`status` succeeded / failed / preempted); when
-    it could not, Kubernetes puts the log's last lines there (FallbackToLogsOnError), shown as
-    `last log lines: <the last non-empty line>`, as is any JSON tuner does not know.
-    """
-    try:
-        outcome = json.loads(message)
-    except ValueError:
-        outcome = None
-    if isinstance(outcome, dict):
-        try:
-            described = _describe_outcome(outcome)
-        except (TypeError, ValueError, AttributeError):  # a field of an unexpected type
-            described = None
-        if described:
-            return described
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return f"last log lines: {lines[-1]}" if lines else "empty termination message"
-
-
-def _describe_outcome(outcome: dict) -> str | None:
-    state = outcome.get("status")
-    if state == "succeeded":
-        counts = []
-        if outcome.get("steps") is not None:
-            total = outcome.get("total_steps")
-            counts.append(f"{int(outcome['steps'])}/{int(total)} steps" if total is not None
-                          else f"{int(outcome['steps'])} steps")
-        if outcome.get("epochs") is not None:
-            counts.append(f"{float(outcome['epochs']):.2f} epochs")
-        if outcome.get("trained_tokens") is not None:
-            counts.append(f"{int(outcome['trained_tokens']):,} tokens")
-        parts = ["succeeded" + (f": {', '.join(counts)}" if counts else "")]
-        if outcome.get("train_loss") is not None:
-            parts.append(f"train loss {float(outcome['train_loss']):.4f}")
-        eval_loss = outcome.get("eval_loss") or {}
-        losses = [f"{key} {float(eval_loss[key]):.4f}" for key in ("base", "adapter") if eval_loss.get(key) is not None]
-        if losses:
-            parts.append("eval loss " + " -> ".join(losses))
-        if outcome.get("image"):
-            parts.append(f"image {outcome['image']}")
-        if outcome.get("seconds") is not None:
-            parts.append(duration(float(outcome["seconds"])))
-        return " | ".join(parts)
-    if state == "failed":
-        error = outcome.get("error") or {}
-        details = [f"exit {outcome['exit_code']}"] if outcome.get("exit_code") is not None else []
-        details += [str(error["code"])] if error.get("code") else []
-        text = " ".join(str(error.get("message") or "").split())
-        return "failed" + (f" ({', '.join(details)})" if details else "") + (f": {text}" if text else "")
-    if state == "preempted":
-        step, total = outcome.get("step"), outcome.get("total_steps")
-        where = f" at step {int(step)}/{int(total)}" if step is not None and total is not None else (
-            f" at step {int(step)}" if step is not None else "")
-        checkpoint = outcome.get("checkpoint")
-        return (f"preempted{where}: resumes from {checkpoint} on retry" if checkpoint
-                else f"preempted{where}: no checkpoint yet, starts over on retry")
-    return None
 
 
 def _latest_result(pods: list[dict]) -> str | None:
