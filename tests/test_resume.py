@@ -97,6 +97,15 @@ def run(args: list[str], cwd: Path) -> tuple[int, Run]:
     return process.finish(), process
 
 
+def drained_at_step(args: list[str], cwd: Path, step: int) -> Run:
+    """A run sent SIGTERM once it logged `step`, checked to have exited with the retryable code."""
+    first = Run(args, cwd)
+    first.wait_for_step(step)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish() == EXIT_PREEMPTED, first.log
+    return first
+
+
 def complete_steps(work: Path) -> list[int]:
     folder = work / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file())
@@ -147,10 +156,7 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(job, tmp_path, tiny_mo
 
 def test_sigterm_saves_where_it_stops_and_exits_retryable(job, tmp_path, tiny_model_dir):
     work = tmp_path / "work"
-    first = Run(job, tmp_path)
-    first.wait_for_step(4)
-    first.proc.send_signal(signal.SIGTERM)
-    assert first.finish() == EXIT_PREEMPTED, first.log
+    first = drained_at_step(job, tmp_path, 4)
     stopped = first.last_step()
     assert stopped < MAX_STEPS
     assert complete_steps(work)[-1] == stopped
@@ -165,10 +171,7 @@ def test_sigterm_saves_where_it_stops_and_exits_retryable(job, tmp_path, tiny_mo
 
 def test_checkpoints_of_another_config_are_refused_unless_restart(job, tmp_path, tiny_model_dir):
     work = tmp_path / "work"
-    first = Run(job, tmp_path)
-    first.wait_for_step(4)
-    first.proc.send_signal(signal.SIGTERM)
-    assert first.finish() == EXIT_PREEMPTED
+    drained_at_step(job, tmp_path, 4)
     config(tmp_path, tiny_model_dir, learning_rate=0.02)  # the same path, another config
 
     code, refused = run(job, tmp_path)
@@ -188,10 +191,7 @@ def test_checkpoints_of_another_config_are_refused_unless_restart(job, tmp_path,
 
 def test_an_incomplete_checkpoint_is_deleted_not_resumed(job, tmp_path, tiny_model_dir):
     work = tmp_path / "work"
-    first = Run(job, tmp_path)
-    first.wait_for_step(4)
-    first.proc.send_signal(signal.SIGTERM)
-    assert first.finish() == EXIT_PREEMPTED
+    drained_at_step(job, tmp_path, 4)
     stopped = complete_steps(work)[-1]
     # a save cut short: a later checkpoint without the marker, with some of its files
     partial = work / "checkpoints" / f"checkpoint-{stopped + 1}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tuner import __version__
+from tuner.checkpoints import write_json_atomically
 from tuner.data import STORE_FILE, DataStats, Dropped, FileReport, IndexedExamples, PreparedData
 from tuner.store import ExampleStore
 
@@ -78,13 +78,8 @@ def forget(out_dir: Path) -> None:
 def save(out_dir: Path, key: str, prepared: PreparedData) -> None:
     """Write the split, then the record (last, atomically), so the next run can reuse `out_dir`."""
     np.savez(out_dir / SPLIT_FILE, train=prepared.train.indices, eval=prepared.eval.indices)
-    record = {"key": key, "store_bytes": (out_dir / STORE_FILE).stat().st_size, "stats": asdict(prepared.stats)}
-    partial = out_dir / (RECORD_FILE + ".part")
-    with open(partial, "w") as f:
-        f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(out_dir / RECORD_FILE)
+    write_json_atomically(out_dir / RECORD_FILE, {"key": key, "store_bytes": (out_dir / STORE_FILE).stat().st_size,
+                                                  "stats": asdict(prepared.stats)})
 
 
 def _read_record(out_dir: Path) -> dict | None:

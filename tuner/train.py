@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback, Trainer,
-                          TrainerCallback, TrainingArguments)
+                          TrainingArguments)
 
 from tuner import checkpoints, distributed, events
 from tuner.progress import ProgressEvents
@@ -343,48 +343,3 @@ class PadCollator:
             labels.append(row["labels"] + [-100] * pad)
             mask.append([1] * len(row["input_ids"]) + [0] * pad)
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
-
-
-class _ProgressLog(TrainerCallback):
-    """One log line per logging step: step/total, epoch, loss, lr, tokens/s, eta."""
-
-    def __init__(self):
-        self.started = 0.0
-        self.first_step: int | None = 0  # the step this process started from (a resumed run's is later)
-        self.first_tokens = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.monotonic()
-        self.first_step = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.first_step is None:  # a resumed run's state is loaded after on_train_begin
-            self.started = time.monotonic()
-            self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen
-            events.info(f"train: {state.max_steps:,} steps, {args.num_train_epochs:g} epochs, "
-                        f"batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation"
-                        + (f" x {args.world_size} processes" if args.world_size > 1 else ""))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            if logs and "eval_loss" in logs:
-                events.info(f"eval: step {state.global_step} | eval_loss {logs['eval_loss']:.4f}")
-            return
-        elapsed = time.monotonic() - self.started
-        step, total = state.global_step, state.max_steps
-        rate = (state.num_input_tokens_seen - self.first_tokens) / elapsed if elapsed else 0.0
-        done = step - (self.first_step or 0)
-        eta = elapsed / done * (total - step) if done > 0 else 0.0
-        events.info(
-            f"step {step}/{total} ({100 * step // max(total, 1)}%) | epoch {state.epoch or 0:.2f} | "
-            f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0.0):.1e} | "
-            f"{rate:,.0f} tok/s | eta {_duration(eta)}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
