@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,82 @@ def test_check_data_unknown_columns_is_one_error_line(tmp_path, capsys, smollm2_
     assert cli.main(["check-data", str(tmp_path / "x.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "question, answer" in err[0]
+
+
+def check_data_error(capsys, *argv: str) -> tuple[list[str], str]:
+    """(the report lines on stdout, the one error line on stderr) of a check-data that exits 2."""
+    assert cli.main(["check-data", *argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), captured.err
+    return captured.out.splitlines(), err[0]
+
+
+def test_check_data_refuses_a_file_with_no_rows(tmp_path, capsys, smollm2_dir):
+    (tmp_path / "empty.jsonl").write_text("")
+    _, error = check_data_error(capsys, str(tmp_path / "empty.jsonl"))
+    assert error.startswith(f"error: {tmp_path / 'empty.jsonl'}: the file holds no rows")
+
+
+def test_check_data_refuses_a_parquet_file_of_zero_rows_after_its_report(tmp_path, capsys, smollm2_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    pq.write_table(pa.table({"messages": pa.array([], type=pa.list_(turn))}), tmp_path / "zero.parquet")
+    report, error = check_data_error(capsys, str(tmp_path / "zero.parquet"))
+    assert report[0] == "format: messages (messages), 0 rows (zero.parquet)"
+    assert error == "error: no training rows: zero.parquet holds no rows; give files with at least one row"
+
+
+def all_dropped(tmp_path: Path) -> Path:
+    path = tmp_path / "data" / "chats.jsonl"
+    path.parent.mkdir()
+    rows = ['{"messages": [{"role": "user", "content": "hi"}]}',
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "boo"}]}',
+            '{"messages": [{"role": "user", "content": "again"}]}']
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_check_data_and_run_refuse_rows_that_are_all_dropped_with_the_same_line(tmp_path, capsys, tiny_model_dir):
+    import yaml
+
+    data = all_dropped(tmp_path)
+    report, error = check_data_error(capsys, str(data), "--tokenizer", str(tiny_model_dir))
+    assert "rows: 3 read, 0 kept, 3 dropped; 0 train / 0 eval" in report
+    assert error == ("error: no training rows are left: all 3 rows of chats.jsonl were dropped: 2 no assistant turn "
+                     "(e.g. chats.jsonl row 1), 1 unknown role (e.g. chats.jsonl row 2); fix those rows or the "
+                     "dataset's format and roles (the report above names them)")
+    workspace = tmp_path / "ws.yaml"
+    workspace.write_text(yaml.safe_dump({
+        "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "dropped"},
+        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": "lora",
+                   "input": {"volumeSource": {"hostPath": {"path": "data"}}},
+                   "output": {"volumeSource": {"hostPath": {"path": "out"}}}}}))
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {
+        "ModelConfig": {"pretrained_model_name_or_path": str(tiny_model_dir)}}}))
+    code = cli.main(["run", str(workspace), "--config", str(config), "--work-dir", str(tmp_path / "work")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == error
+
+
+def test_stanford_alpaca_with_its_text_column_is_read_as_alpaca(tmp_path, capsys, smollm2_dir):
+    """The original alpaca release carries instruction, input, output and a pre-rendered text."""
+    import json
+
+    rows = json.loads((DATA / SHARED_DATASETS["alpaca"]).read_text())
+    for row in rows:
+        row["text"] = ("Below is an instruction that describes a task. Write a response that appropriately "
+                       f"completes the request.\n\n### Instruction:\n{row['instruction']}\n\n### Input:\n"
+                       f"{row['input']}\n\n### Response:\n{row['output']}")
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(rows))
+    assert cli.main(["check-data", str(tmp_path / "alpaca_data.json"), "--max-length", "256"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"format: alpaca (instruction, input, output), {len(rows):,} rows (alpaca_data.json); "
+                        "column text ignored")
+    tokens = next(re.match(r"tokens: ([\d,]+) \(([\d,]+) with loss\)", line) for line in lines
+                  if line.startswith("tokens: "))
+    total, with_loss = (int(group.replace(",", "")) for group in tokens.groups())
+    assert 0 < with_loss < total  # the loss is on the answers only, as alpaca wants, not on every token of text

@@ -47,11 +47,23 @@ def test_detects_each_format_and_the_columns_it_uses(columns, name, used, descri
     assert detect_format(columns) == Format(name, used, description)
 
 
-def test_ambiguous_messages_and_text_names_both_formats_and_the_key():
-    with pytest.raises(UserError, match=r"^data.parquet: dataset columns messages, text fit several formats: "
-                                        r"messages \(messages\), text \(text\); choose one with "
-                                        r"DatasetConfig.format \(e.g. format: messages\)$"):
-        detect_format(["messages", "text"], where="data.parquet")
+@pytest.mark.parametrize("columns, name, used, ignored", [
+    # Stanford alpaca's four columns: the structure wins over the pre-rendered text
+    (["instruction", "input", "output", "text"], "alpaca", ("instruction", "input", "output"), ("text",)),
+    (["instruction", "context", "response", "category", "text"], "dolly", ("instruction", "context", "response"),
+     ("text",)),
+    (["text", "messages"], "messages", ("messages",), ("text",)),
+])
+def test_a_structured_format_wins_over_a_text_column_and_says_it_ignored_it(columns, name, used, ignored):
+    fmt = detect_format(columns, where="data.json")
+    assert (fmt.name, tuple(fmt.columns.values()), fmt.ignored) == (name, used, ignored)
+
+
+def test_a_tie_between_structured_formats_names_them_and_the_key():
+    with pytest.raises(UserError, match=r"^data.parquet: dataset columns prompt, completion, messages, text fit "
+                                        r"several formats: messages \(messages\), prompt-completion \(prompt, "
+                                        r"completion\); choose one with DatasetConfig.format \(e.g. format: messages\)$"):
+        detect_format(["prompt", "completion", "messages", "text"], where="data.parquet")
 
 
 def test_ambiguous_dolly_and_alpaca_columns():

@@ -261,7 +261,11 @@ def test_write_refuses_non_empty_directory_that_is_not_a_layout(adapter: Path) -
         ("localhost:5000/a/b:1", RegistryTarget("localhost:5000/a/b:1")),
         ("myacr.azurecr.io/adapters/phi3:0.0.1", RegistryTarget("myacr.azurecr.io/adapters/phi3:0.0.1")),
         ("ghcr.io/org/adapter@sha256:" + "a" * 64, RegistryTarget("ghcr.io/org/adapter@sha256:" + "a" * 64)),
-        ("ghcr.io/org/adapter:v1@sha256:" + "b" * 64, RegistryTarget("ghcr.io/org/adapter:v1@sha256:" + "b" * 64)),
+        # Kaito's ParseDockerRef: a digested name keeps only the digest; Docker Hub names are normalised
+        ("ghcr.io/org/adapter:v1@sha256:" + "b" * 64, RegistryTarget("ghcr.io/org/adapter@sha256:" + "b" * 64)),
+        ("phi3:0.0.1", RegistryTarget("docker.io/library/phi3:0.0.1")),
+        ("org/phi3", RegistryTarget("docker.io/org/phi3:latest")),
+        ("library/phi3:0.0.1", RegistryTarget("docker.io/library/phi3:0.0.1")),
     ],
 )
 def test_parse_output_ref_accepts(ref: str, expected: OciLayoutTarget | RegistryTarget) -> None:
@@ -273,8 +277,6 @@ def test_parse_output_ref_accepts(ref: str, expected: OciLayoutTarget | Registry
     [
         "UPPER/Case:?",
         "myacr.azurecr.io/Adapters/phi3:1",  # uppercase repository
-        "phi3:0.0.1",  # no registry host
-        "library/phi3:0.0.1",  # first component is not a host
         "docker://myacr.azurecr.io/a:1",  # transport prefix
         "myacr.azurecr.io/a:bad tag",
         "myacr.azurecr.io/a@sha256:short",

@@ -39,7 +39,8 @@ def work_dir(tmp_path_factory, tiny_model_dir) -> Path:
         "workspace": "phi-3-adapter", "preset": "smollm2-135m-instruct", "method": "qlora", "tuner_version": "0.1.0",
         "base_model": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "12fd25f7"},
         "datasets": [{"source": "https://data.example/a.parquet", "sha256": "ab" * 32, "bytes": 10}],
-        "config_digest": "sha256:" + "cd" * 32, "train": {"train_loss": 1.23456, "eval_loss": 1.5},
+        "config_digest": "sha256:" + "cd" * 32, "train": {"train_loss": 1.23456},
+        "eval": {"rows": 2, "base_loss": 3.0, "adapter_loss": 1.5},
         "finished": "2026-11-24T12:00:00Z"}))
     return work
 

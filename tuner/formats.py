@@ -127,6 +127,7 @@ class Format:
     name: str
     columns: dict[str, str]  # field -> file column actually used (optional fields only when present)
     description: str  # e.g. "dolly (instruction, context, response)", "text (body as text)"
+    ignored: tuple[str, ...] = ()  # columns another format would have read, left out (alpaca's `text`)
 
 
 def _resolve(name: str, columns: list[str], mapped: dict[str, str]) -> Format | None:
@@ -168,10 +169,18 @@ def detect_format(columns: list[str], mapping: ColumnMapping | None = None, *, w
         return found
     names = [n for n in FORMATS if all(fld in FIELDS[n] for fld in mapping.columns)]
     matches = [fmt for fmt in (_resolve(n, columns, mapping.columns) for n in names) if fmt]
+    structured = [fmt for fmt in matches if fmt.name != "text"]
+    if len(matches) > 1 and len(structured) == 1:
+        # Stanford alpaca and its copies, and some dolly copies, carry a pre-rendered `text` beside
+        # the structured columns: the structure (and so the loss on the answer only) wins.
+        chosen = structured[0]
+        ignored = tuple(col for fmt in matches if fmt is not chosen for col in fmt.columns.values()
+                        if col not in chosen.columns.values())
+        return Format(chosen.name, chosen.columns, chosen.description, ignored)
     if len(matches) > 1:
-        raise UserError(f"dataset columns {seen} fit several formats: {', '.join(m.description for m in matches)}",
+        raise UserError(f"dataset columns {seen} fit several formats: {', '.join(m.description for m in structured)}",
                         where=where or None,
-                        fix=f"choose one with DatasetConfig.format (e.g. format: {matches[0].name})")
+                        fix=f"choose one with DatasetConfig.format (e.g. format: {structured[0].name})")
     if not matches:
         raise UserError(f"unrecognised dataset columns: {seen}", where=where or None,
                         fix=f"expected one of: {_expected(names)}; or name the format and columns in "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
+from tuner.image_ref import TAG, ImageRef, InvalidReference, parse_docker_ref
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -37,18 +38,7 @@ DATA_DIR = "data"
 # L6 32 MB/s ratio 0.926; bf16 L1 40 MB/s ratio 0.802, L6 13 MB/s ratio 0.795.
 GZIP_LEVEL = 1
 
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-# Docker distribution reference grammar (github.com/distribution/reference), with a registry
-# host required (a push needs to know where to go): like docker, the first component is a host
-# only if it holds "." or ":" or is "localhost".
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REFERENCE_RE = re.compile(
-    rf"(?P<domain>{_DOMAIN})/(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
-    rf"(?::(?P<tag>{_TAG_RE.pattern}))?"
-    rf"(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}}))?"
-)
+_TAG_RE = re.compile(TAG, re.ASCII)
 _SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -62,9 +52,14 @@ class OciLayoutTarget:
 
 @dataclass(frozen=True)
 class RegistryTarget:
-    """An image reference in a registry, e.g. `myacr.azurecr.io/adapters/phi3:0.0.1`."""
+    """An image in a registry: `reference` is the normalised form (e.g. `docker.io/library/x:latest`
+    for `x`), the one tuner pushes to, logs and records."""
 
     reference: str
+
+    @property
+    def parsed(self) -> ImageRef:
+        return parse_docker_ref(self.reference)
 
 
 @dataclass(frozen=True)
@@ -94,7 +89,8 @@ class AdapterImage:
 
 
 def parse_output_ref(ref: str) -> OciLayoutTarget | RegistryTarget:
-    """Parse `oci:DIR[:TAG]` (skopeo syntax, TAG defaults to `latest`) or a registry reference."""
+    """Parse `oci:DIR[:TAG]` (skopeo syntax, TAG defaults to `latest`) or a registry reference (Kaito's
+    grammar and normalisation, tuner.image_ref)."""
     if ref.startswith("oci:"):
         # Like skopeo's oci transport, split on the first colon after "oci:": DIR cannot hold ":".
         path, sep, tag = ref[len("oci:"):].partition(":")
@@ -108,18 +104,15 @@ def parse_output_ref(ref: str) -> OciLayoutTarget | RegistryTarget:
                 fix="a tag is 1-128 characters of letters, digits, '_', '.', '-', not starting with '.' or '-'",
             )
         return OciLayoutTarget(Path(path), tag)
-    match = _REFERENCE_RE.fullmatch(ref)
-    if (
-        match is None
-        or not ("." in match["domain"] or ":" in match["domain"] or match["domain"] == "localhost")
-        or len(match["domain"]) + 1 + len(match["path"]) > 255
-    ):
+    try:
+        parsed = parse_docker_ref(ref)
+    except InvalidReference as exc:
         raise UserError(
-            f"output reference {ref!r} is not a valid image reference",
-            fix="write it as REGISTRY/REPOSITORY[:TAG][@DIGEST] with a lowercase repository "
+            f"{ref!r} is not a valid image reference ({exc})",
+            fix="write it as [REGISTRY/]REPOSITORY[:TAG][@DIGEST] with a lowercase repository "
             "(e.g. myacr.azurecr.io/adapters/phi3:0.0.1), or oci:DIR[:TAG] for a local OCI layout",
-        )
-    return RegistryTarget(ref)
+        ) from None
+    return RegistryTarget(str(parsed))
 
 
 def _canonical_json(obj: Any) -> bytes:

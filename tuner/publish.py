@@ -39,7 +39,7 @@ def image_annotations(adapter_dir: Path, version: str | None) -> dict[str, str]:
     created = summary.get("finished") or datetime.fromtimestamp(
         int(weights.stat().st_mtime), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     base = summary.get("base_model") or {}
-    train = summary.get("train") or {}
+    train, evaluation = summary.get("train") or {}, summary.get("eval") or {}
     method, preset = summary.get("method"), summary.get("preset")
     annotations = {
         "org.opencontainers.image.created": created,
@@ -55,7 +55,7 @@ def image_annotations(adapter_dir: Path, version: str | None) -> dict[str, str]:
         "dev.tuner.datasets": ",".join(f"sha256:{d['sha256']}" for d in summary.get("datasets", [])) or None,
         "dev.tuner.config-digest": summary.get("config_digest"),
         "dev.tuner.train-loss": _loss(train.get("train_loss")),
-        "dev.tuner.eval-loss": _loss(train.get("eval_loss")),
+        "dev.tuner.eval-loss": _loss(evaluation.get("adapter_loss")),  # tuner.summary.build writes it there
     }
     return {key: value for key, value in annotations.items() if value}
 

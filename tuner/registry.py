@@ -222,13 +222,17 @@ def _path(url: str) -> str:
 
 
 def _container(reference: str) -> oras.container.Container:
+    """The oras view of a registry reference, normalised as Kaito reads it, addressed at the host
+    that serves the registry API (Docker Hub's names live on registry-1.docker.io)."""
     from tuner.oci import RegistryTarget, parse_output_ref
 
     target = parse_output_ref(reference)
     if not isinstance(target, RegistryTarget):
         raise UserError(f"{reference!r} is not a registry image reference",
-                        fix="write it as REGISTRY/REPOSITORY[:TAG][@DIGEST]")
-    return oras.container.Container(reference)
+                        fix="write it as [REGISTRY/]REPOSITORY[:TAG][@DIGEST]")
+    container = oras.container.Container(target.reference)
+    container.registry = target.parsed.api_host
+    return container
 
 
 def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOptions) -> PushResult:
