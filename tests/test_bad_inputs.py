@@ -5,7 +5,7 @@ nothing in the work directory is deleted.
 A case file holds `expect` (text the error line must contain) and what to vary from a good job:
 `patch` (top-level Workspace keys), `tuning` (tuning keys), `workspace_text` (a raw Workspace),
 `config` (training_config sections) or `config_text` (a raw config file), `files` (served over
-HTTP at `{base}/NAME`: text, `{latin1: text}` or `{truncated_parquet: true}`), `allow_private`
+HTTP at `{base}/NAME`: text, `{latin1: text}`, `{truncated_parquet: true}` or `{parquet_rows: N}`), `allow_private`
 (default true, for the loopback server) and `no_config` (run without `--config`).
 """
 
@@ -36,8 +36,9 @@ def _file_bytes(spec: str | dict) -> bytes:
     if "latin1" in spec:
         return spec["latin1"].encode("latin-1")
     buffer = io.BytesIO()
-    pq.write_table(pa.table({"messages": [json.dumps(GOOD_ROW)] * 50}), buffer)
-    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    pq.write_table(pa.table({"messages": pa.array([json.dumps(GOOD_ROW)] * spec.get("parquet_rows", 50),
+                                                  type=pa.string())}), buffer)
+    return buffer.getvalue() if "parquet_rows" in spec else buffer.getvalue()[: len(buffer.getvalue()) // 2]
 
 
 def _fill(value, base: str):
@@ -104,3 +105,35 @@ def test_bad_input_fails_with_one_clear_line(path, tmp_path, http_server, tiny_m
     assert case["expect"] in lines[0]
     assert "; " in lines[0]  # the problem, then how to fix it
     assert keep.read_text() == "finished work"
+
+
+MEMORY_LIMIT = 3 << 30  # address space of the child: tuner's imports need ~1.5 GiB, an alias bomb many more
+HOSTILE_WORKSPACES = {
+    "name-of-100-MB": lambda: ("apiVersion: kaito.sh/v1beta1\nkind: Workspace\nmetadata:\n  name: "
+                               + "a" * 100_000_000 + "\n"),
+    "alias-bomb": lambda: yaml.safe_load((Path(__file__).parent / "bad_inputs" /
+                                          "84-workspace-alias-bomb.yaml").read_text())["workspace_text"],
+    "nested-10000-lists": lambda: "[" * 10_000 + "]" * 10_000,
+}
+
+
+@pytest.mark.parametrize("command", ["validate", "render"])
+@pytest.mark.parametrize("name", list(HOSTILE_WORKSPACES))
+def test_hostile_yaml_ends_in_one_line_in_bounded_time_and_memory(name, command, tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(HOSTILE_WORKSPACES[name]())
+    before = sorted(tmp_path.iterdir())
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    done = subprocess.run([sys.executable, "-m", "tuner.cli", command, str(workspace)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, preexec_fn=limit_memory)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    assert len(lines[0]) < 400  # a 100 MB value is never echoed
+    assert sorted(tmp_path.iterdir()) == before  # nothing written

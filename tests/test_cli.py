@@ -85,6 +85,22 @@ def test_valid_workspace_validates(tmp_path, capsys):
     assert "ok: ws: lora on smollm2-135m-instruct" in capsys.readouterr().out
 
 
+def test_validate_tells_once_which_registry_a_familiar_image_name_means(tmp_path, capsys):
+    path = write_workspace(tmp_path, input={"image": "data-image:latest"})
+    assert cli.main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("note: tuning.input.image: data-image:latest normalised to "
+                      "docker.io/library/data-image:latest, as Kaito reads it")
+    assert len(out) == 2 and out[1].startswith("ok: ws:")
+
+
+def test_validate_refuses_an_input_image_kaito_cannot_parse(tmp_path, capsys):
+    code, err = run_cli(capsys, "validate", str(write_workspace(tmp_path, input={"image": "Data/Images:v1"})))
+    assert code == 2
+    assert_one_error_line(err, "tuning.input.image: unable to parse input image reference 'Data/Images:v1'",
+                          "must be lowercase")
+
+
 def test_internal_fault_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
     import tuner.run
 
@@ -109,3 +125,28 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+
+
+def test_validate_names_five_config_mistakes_at_once_without_any_work(tmp_path, capsys):
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {
+        "LoraConfig": {"r": 0}, "TrainingArguments": {"learning_rate": -1},
+        "DatasetConfig": {"bad_rows": "nonsense", "long_rows": 3, "format": "parquet"}}}))
+    code = cli.main(["validate", str(write_workspace(tmp_path, input={"urls": ["https://example.invalid/a.jsonl"]})),
+                     "--config", str(config)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 5 and all(line.startswith("error: training_config.") for line in lines)
+    assert sorted(line.split(":")[1].strip() for line in lines) == [
+        "training_config.DatasetConfig.bad_rows", "training_config.DatasetConfig.format",
+        "training_config.DatasetConfig.long_rows", "training_config.LoraConfig.r",
+        "training_config.TrainingArguments.learning_rate"]
+
+
+def test_validate_warns_once_per_kaito_key_tuner_does_not_apply(tmp_path, capsys):
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {"ModelConfig": {"device_map": "auto"}}}))
+    assert cli.main(["validate", str(write_workspace(tmp_path)), "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("warning: ")] == [
+        "warning: training_config.ModelConfig.device_map is accepted but not applied: each process places the "
+        "model on its own device (one GPU per process; DDP/torchrun)"]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +85,75 @@ def test_fetch_in_json_form_prints_only_events(tmp_path, served, capsys):
     assert [e["type"] for e in printed] == ["message"] * 3
     assert printed[-1]["message"].startswith("fetched 2 input files (")
     assert all("part" in e["message"] for e in printed[:2])
+
+
+def test_fetch_checks_the_push_secret_before_any_download(tmp_path, served, monkeypatch, capsys):
+    docker = tmp_path / "push-secret"
+    docker.mkdir()
+    (docker / "config.json").write_text('{"auths": {"registry.example.com": "not an object"}}')
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))  # where the Job mounts the push secret for fetch too
+    work = tmp_path / "work"
+    code = cli.main(["fetch", str(workspace(tmp_path, served[1])), "--work-dir", str(work), "--allow-private-urls"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"error: registry config {docker / 'config.json'}: the entry for registry.example.com "
+                      "is not an object")
+    assert not (work / "inputs").exists()  # nothing was downloaded
+
+
+def pod_command(container: dict, mounts: dict[str, Path], replace: dict[str, str]) -> list[str]:
+    """A container's command as the kubelet would run it: in its own mount namespace, where only the
+    volumes the rendered Job mounts under /mnt exist (the rest of the paths are the test's folders)."""
+    script = ["set -e", "mount -t tmpfs tmpfs /mnt"]
+    for mount in container["volumeMounts"]:
+        source = mounts.get(mount["name"])
+        if source is None or not mount["mountPath"].startswith("/mnt/"):
+            continue
+        script += [f"mkdir -p {mount['mountPath']}", f"mount --bind {source} {mount['mountPath']}"]
+        if mount.get("readOnly"):
+            script.append(f"mount -o remount,bind,ro {mount['mountPath']}")
+    args = [replace.get(arg, arg) for arg in container["args"]]
+    for old, new in replace.items():
+        args = [arg.replace(old, new) for arg in args]
+    script.append("exec " + " ".join(shlex.quote(a) for a in [sys.executable, "-m", "tuner.cli", *args]))
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script)]
+
+
+@pytest.mark.slow
+def test_a_volume_input_job_fetches_then_trains_with_the_volume_only_where_the_job_mounts_it(tmp_path,
+                                                                                            tiny_model_dir):
+    from tuner.render import RenderOptions, render
+    from tuner.run import plan_job
+
+    data = tmp_path / "datasets"
+    data.mkdir()
+    (data / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    spec = tmp_path / "workspace.yaml"
+    spec.write_text(yaml.safe_dump({
+        "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "volume-job"},
+        "resource": {"instanceType": "Standard_NC24ads_A100_v4"},
+        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": "lora",
+                   "input": {"volumeSource": {"persistentVolumeClaim": {"claimName": "datasets"}}},
+                   "output": {"volumeSource": {"persistentVolumeClaim": {"claimName": "adapters"}}}}}))
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {
+        "ModelConfig": {"pretrained_model_name_or_path": str(tiny_model_dir)},
+        "TrainingArguments": {"max_steps": 1, "max_length": 64}}}))
+    manifests = {m["kind"]: m for m in render(plan_job(spec, config_path=config, for_cluster=True),
+                                              RenderOptions()).manifests}
+    etc = tmp_path / "etc-tuner"  # the ConfigMap as the pod sees it
+    etc.mkdir()
+    for name, text in manifests["ConfigMap"]["data"].items():
+        (etc / name).write_text(text)
+    pod = manifests["Job"]["spec"]["template"]["spec"]
+    output = tmp_path / "adapters"
+    output.mkdir()
+    mounts = {"input": data, "output": output}
+    replace = {"/etc/tuner": str(etc), "/workspace/work": str(tmp_path / "work")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for container in (pod["initContainers"][0], pod["containers"][0]):
+        done = subprocess.run(pod_command(container, mounts, replace), capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, f"{container['name']}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+    assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
+    assert not Path("/mnt/input").exists()  # the volume existed only inside the containers' namespaces

@@ -132,6 +132,15 @@ def test_train_step_events_carry_the_trainers_own_numbers(json_run):
         assert event["message"].startswith(f"step {event['step']}/{STEPS} (")
 
 
+def test_train_started_reports_the_epochs_max_steps_really_covers(json_run):
+    """max_steps 8 over 8 train rows in batches of 4 is 4 epochs, not TrainingArguments' default 3."""
+    tmp_path, printed, _ = json_run
+    [started] = of_type(printed, "train.started")
+    state = trainer_state(tmp_path / "work")
+    assert started["data"]["epochs"] == state["num_train_epochs"] == state["epoch"] == 4
+    assert started["message"].startswith(f"train: {STEPS} steps, 4 epochs, effective batch 4 ")
+
+
 def test_the_base_model_is_evaluated_first_then_the_adapter_during_and_after(json_run):
     tmp_path, printed, _ = json_run
     evals = of_type(printed, "eval")
@@ -209,6 +218,18 @@ def test_the_termination_message_is_the_outcome(json_run):
     assert outcome["eval_loss"] == {"base": round(summary["eval"]["base_loss"], 4),
                                     "adapter": round(summary["eval"]["adapter_loss"], 4)}
     assert outcome["image"] == f"oci:{tmp_path / 'layout'}:v1@{summary['image']['digest']}"
+
+
+def test_the_image_annotations_carry_the_real_runs_losses(json_run):
+    from tuner.oci import OciLayoutTarget, read_layout_manifest
+
+    tmp_path, _, _ = json_run
+    summary = json.loads((tmp_path / "work" / "result.json").read_text())
+    _, manifest = read_layout_manifest(OciLayoutTarget(tmp_path / "layout", "v1"))
+    annotations = manifest["annotations"]
+    assert annotations["dev.tuner.eval-loss"] == f"{summary['eval']['adapter_loss']:.4f}"
+    assert annotations["dev.tuner.train-loss"] == f"{summary['train']['train_loss']:.4f}"
+    assert annotations["dev.tuner.config-digest"] == summary["config_digest"]
 
 
 def test_tuner_report_redraws_with_any_logged_metric(json_run):

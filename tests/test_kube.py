@@ -21,12 +21,16 @@ import asyncio
 import io
 import itertools
 import json
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import kmock as kmocklib
 import pytest
+import yaml
 from kubernetes import client
 
 from tuner import kube
@@ -758,3 +762,51 @@ async def test_cli_cancel_of_a_missing_job_is_one_error_line(cluster, tmp_path, 
     code = await asyncio.to_thread(cli.main, ["cancel", "nope", "--kubeconfig", str(config), "-n", NS])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "nope-tuning" in err
+
+
+@pytest.fixture
+def failed_fetch_message(tmp_path, http_server) -> str:
+    """The termination message a real `tuner fetch` writes when a dataset URL answers 404."""
+    _, base = http_server
+    workspace = tmp_path / "ws.yaml"
+    workspace.write_text(yaml.safe_dump({
+        "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": WS},
+        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": "lora",
+                   "input": {"urls": [f"{base}/missing.parquet"]},
+                   "output": {"volumeSource": {"hostPath": {"path": "out"}}}}}))
+    log = tmp_path / "termination-log"
+    done = subprocess.run([sys.executable, "-m", "tuner.cli", "fetch", str(workspace), "--work-dir",
+                           str(tmp_path / "work"), "--allow-private-urls"], capture_output=True, text=True,
+                          env={**os.environ, "TUNER_TERMINATION_LOG": str(log)}, timeout=120)
+    assert done.returncode == 2, done.stderr
+    return log.read_text()
+
+
+def failed_init(message: str) -> dict:
+    """A pod whose fetch init container failed, as the kubelet reports it: the tuner container never ran."""
+    return {"initContainerStatuses": [{"name": "fetch", "state": {"terminated": {
+                "exitCode": 2, "reason": "Error", "message": message}}}],
+            "containerStatuses": [{"name": "tuner", "state": {"waiting": {"reason": "PodInitializing"}}}]}
+
+
+@pytest.mark.asyncio
+async def test_status_result_reads_a_failed_fetch_init_container(cluster, api, pod_logs, failed_fetch_message):
+    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Failed", **failed_init(failed_fetch_message))
+    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    assert status.result.startswith("failed (exit 2, user_error): ")
+    assert "missing.parquet" in status.result and "404" in status.result
+
+
+@pytest.mark.asyncio
+async def test_status_result_prefers_index_0_of_a_multi_node_job(cluster, api, pod_logs, failed_fetch_message):
+    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    add_pod(cluster, f"{JOB}-0-a", "2026-01-01T00:01:00Z", phase="Failed", **failed_init(failed_fetch_message))
+    cluster.objects["v1/pods", NS, f"{JOB}-0-a"].patch(
+        {"metadata": {"annotations": {kube.COMPLETION_INDEX: "0"}}})
+    # a worker created a moment later, stopped without a message of its own
+    add_pod(cluster, f"{JOB}-1-b", "2026-01-01T00:01:02Z", phase="Failed",
+            containerStatuses=[{"name": "tuner", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}])
+    cluster.objects["v1/pods", NS, f"{JOB}-1-b"].patch({"metadata": {"labels": {kube.COMPLETION_INDEX: "1"}}})
+    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    assert status.result.startswith("failed (exit 2, user_error): ") and "404" in status.result

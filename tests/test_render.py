@@ -124,9 +124,10 @@ def test_push_secret_is_mounted_read_only_as_the_docker_config(tmp_path):
     volume = next(v for v in pod(manifests)["volumes"] if v["name"] == "push-secret")
     assert volume["secret"]["secretName"] == "acr-push"
     assert volume["secret"]["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
-    mount = next(m for m in container(manifests)["volumeMounts"] if m["name"] == "push-secret")
-    assert mount["readOnly"] is True
-    assert {"name": "DOCKER_CONFIG", "value": mount["mountPath"]} in container(manifests)["env"]
+    for name in ("fetch", "tuner"):  # fetch checks it before any download, tuner pushes with it
+        mount = next(m for m in container(manifests, name)["volumeMounts"] if m["name"] == "push-secret")
+        assert mount["readOnly"] is True
+        assert {"name": "DOCKER_CONFIG", "value": mount["mountPath"]} in container(manifests, name)["env"]
 
 
 def test_shm_is_a_memory_empty_dir(tmp_path):
@@ -165,7 +166,8 @@ def test_volume_sources_are_mounted_and_the_pods_workspace_points_at_them(tmp_pa
     volumes = {v["name"]: v for v in pod(manifests)["volumes"]}
     assert volumes["input"]["persistentVolumeClaim"] == {"claimName": "datasets"}
     assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "adapters"}
-    assert {"name": "input", "mountPath": "/mnt/input", "readOnly": True} in container(manifests, "fetch")["volumeMounts"]
+    for name in ("fetch", "tuner"):  # fetch records the paths under the mount, `run --skip-fetch` reads them there
+        assert {"name": "input", "mountPath": "/mnt/input", "readOnly": True} in container(manifests, name)["volumeMounts"]
     assert {"name": "output", "mountPath": "/mnt/output"} in container(manifests)["volumeMounts"]
     tuning = yaml.safe_load(manifests["ConfigMap"]["data"]["workspace.yaml"])["tuning"]
     assert tuning["input"]["volumeSource"] == {"hostPath": {"path": "/mnt/input"}}
@@ -251,9 +253,40 @@ def test_cli_render_prints_yaml_documents_with_notes(tmp_path, capsys):
     assert all(d["metadata"]["namespace"] == "ml" for d in yaml.safe_load_all(out))
 
 
+def test_render_notes_the_normalised_image_once_and_pods_pull_what_was_given(tmp_path):
+    path = seed_workspace(tmp_path, input_={"image": "data-image:v1"})
+    result = render(plan_job(path, for_cluster=True), RenderOptions())
+    notes = [n for n in result.notes if "normalised" in n]
+    assert notes == ["tuning.input.image: data-image:v1 normalised to docker.io/library/data-image:v1, "
+                     "as Kaito reads it"]
+    assert result.to_yaml().count("normalised to") == 1
+
+
 def test_a_name_too_long_for_a_job_is_refused(tmp_path):
     with pytest.raises(UserError, match="metadata.name"):
-        rendered(seed_workspace(tmp_path, name="x" * 60))
+        rendered(seed_workspace(tmp_path, name="x" * 51))
+    rendered(seed_workspace(tmp_path, name="x" * 50))  # the longest that validates renders
+
+
+def with_namespace(path: Path, namespace: str) -> Path:
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["namespace"] = namespace
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_the_workspaces_namespace_is_the_jobs_unless_n_names_the_same(tmp_path):
+    path = with_namespace(seed_workspace(tmp_path), "team-a")
+    result = render(plan_job(path, for_cluster=True), RenderOptions())
+    assert result.namespace == "team-a"
+    assert {m["metadata"]["namespace"] for m in result.manifests} == {"team-a"}
+    assert render(plan_job(path, for_cluster=True), RenderOptions(namespace="team-a")).namespace == "team-a"
+    with pytest.raises(UserError, match="--namespace team-b disagrees with the Workspace's metadata.namespace team-a"):
+        render(plan_job(path, for_cluster=True), RenderOptions(namespace="team-b"))
+    plain = seed_workspace(tmp_path)
+    assert render(plan_job(plain, for_cluster=True), RenderOptions()).namespace == "default"
+    with pytest.raises(UserError, match="namespace 'Bad_NS!' is not a valid name"):
+        render(plan_job(plain, for_cluster=True), RenderOptions(namespace="Bad_NS!"))
 
 
 def test_render_is_deterministic(tmp_path):

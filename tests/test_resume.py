@@ -185,6 +185,10 @@ def test_checkpoints_of_another_config_are_refused_unless_restart(job, tmp_path,
     assert "deleted the old checkpoints" in restarted.log and "resume: from" not in restarted.log
     assert f" step 1/{MAX_STEPS} " in restarted.log
     assert_finished(work, tiny_model_dir)
+    # the record (and so the loss curve in the image) holds the restarted run alone, not the old run's tail
+    recorded = [json.loads(line) for line in (work / "events.jsonl").read_text().splitlines()]
+    assert [e["type"] for e in recorded].count("job.started") == 1
+    assert [e["step"] for e in recorded if e["type"] == "train.step"] == list(range(1, MAX_STEPS + 1))
     assert json.loads((work / "checkpoints" / IDENTITY_FILE).read_text())["config_digest"] == \
         json.loads((work / "result.json").read_text())["config_digest"]
 

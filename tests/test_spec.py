@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tuner.errors import UserError
-from tuner.spec import check_url, load_workspace
+from tuner.spec import check_url, image_notes, load_workspace
 
 SEED_TUNING = ("workspace-phi-3-mini-tuning.yaml", "workspace-phi-3-mini-128k-tuning.yaml")
 
@@ -43,11 +43,18 @@ def error_of(tmp_path: Path, doc, **kwargs) -> str:
 
 
 @pytest.mark.parametrize("name", SEED_TUNING)
-def test_seed_tuning_examples_parse(shared_dir, name):
-    ws = load_workspace(shared_dir / "seed-examples" / name)
+def test_seed_tuning_examples_parse_once_their_placeholder_image_is_filled_in(shared_dir, tmp_path, name):
+    doc = yaml.safe_load((shared_dir / "seed-examples" / name).read_text())
+    # Kaito's webhook refuses the image placeholder as it stands (uppercase repository), and so does tuner;
+    # the API server would refuse the secret placeholder in the pod: both are named at once
+    message = error_of(tmp_path, doc)
+    assert "tuning.output.imagePushSecret: Secret name 'ACR_REGISTRY_SECRET_HERE' is not a valid" in message
+    assert "repository name (IMAGE_NAME_HERE) must be lowercase" in message
+    doc["tuning"]["output"] = {"image": "myacr.azurecr.io/adapters/phi3:0.0.1", "imagePushSecret": "acr-push"}
+    ws = load_workspace(write(tmp_path, doc))
     assert ws.tuning.method == "qlora"
     assert ws.tuning.preset.name.startswith("phi-3-mini-")
-    assert ws.tuning.output.image_push_secret == "ACR_REGISTRY_SECRET_HERE"
+    assert ws.tuning.output.image_push_secret == "acr-push"
     assert ws.tuning.input.urls[0].startswith("https://huggingface.co/datasets/philschmid/dolly-15k-oai-style/")
     assert ws.resource.instance_type == "Standard_NC6s_v3"
     assert ws.resource.label_selector.match_labels == {"app": "phi-3-adapter"}
@@ -158,3 +165,27 @@ def test_metadata_name_must_be_a_kubernetes_name(tmp_path):
     doc = workspace()
     doc["metadata"]["name"] = "Not_Valid"
     assert "metadata.name" in error_of(tmp_path, doc)
+
+
+@pytest.mark.parametrize(("field", "image"), [
+    ("input", "Example.com/Datasets/chat:v1"),  # uppercase repository
+    ("input", "example.com/data sets:v1"),  # a space
+    ("input", "example.com/data:bad@tag"),
+    ("input", "example.com/data@sha256:1234"),  # a short digest
+    ("output", "example.com/a..b:1"),
+    ("output", "oci:/tmp/layout:v1"),  # a local layout is for --output, not the Workspace
+])
+def test_image_references_kaito_cannot_parse_are_refused_naming_the_field(tmp_path, field, image):
+    source = {"image": image} if field == "input" else {"image": image, "imagePushSecret": "push"}
+    message = error_of(tmp_path, workspace(**{field: source}))
+    assert f"tuning.{field}.image: unable to parse {field} image reference {image!r}: " in message
+    assert "[REGISTRY/]REPOSITORY[:TAG][@DIGEST]" in message
+
+
+def test_references_without_a_registry_host_are_normalised_like_kaito(tmp_path):
+    doc = workspace(input={"image": "data-image:latest"}, output={"image": "org/adapter", "imagePushSecret": "p"})
+    ws = load_workspace(write(tmp_path, doc))
+    assert image_notes(ws) == [
+        "tuning.input.image: data-image:latest normalised to docker.io/library/data-image:latest, as Kaito reads it",
+        "tuning.output.image: org/adapter normalised to docker.io/org/adapter:latest, as Kaito reads it"]
+    assert image_notes(load_workspace(write(tmp_path, workspace()))) == []

@@ -112,3 +112,40 @@ def test_configmap_without_the_key_is_refused(tmp_path: Path):
     manifest.write_text(yaml.safe_dump({"kind": "ConfigMap", "data": {"other.yaml": "x: 1"}}))
     with pytest.raises(UserError, match="no data key 'training_config.yaml'"):
         load_config_file(manifest)
+
+
+def test_kaito_keys_tuner_does_not_apply_are_accepted_with_one_warning_each():
+    config = build_config("lora", {"ModelConfig": {"device_map": "auto", "local_files_only": True},
+                                   "DataCollator": {"mlm": True}, "TokenizerParams": {"padding": True}})
+    assert config.warnings == (
+        "training_config.ModelConfig.device_map is accepted but not applied: each process places the model on its "
+        "own device (one GPU per process; DDP/torchrun)",
+        "training_config.DataCollator.mlm is accepted but not applied: a causal LM learns the next token; "
+        "masked-LM collation does not apply",
+        "training_config.TokenizerParams.padding is accepted but not applied: batches are padded to their longest "
+        "row (or packed)")
+    assert build_config("lora").warnings == ()  # tuner's own defaults carry none of them
+
+
+def test_a_number_spelled_as_yaml_reads_it_is_taken_as_that_number():
+    # PyYAML reads 2e-4 (no dot) as a string, as Kaito users often write it
+    config = build_config("lora", load_config_text("TrainingArguments:\n  learning_rate: 2e-4\n  warmup_steps: 1e2\n"))
+    assert config.training_arguments["learning_rate"] == 0.0002
+    assert config.training_arguments["warmup_steps"] == 100
+
+
+def load_config_text(sections: str) -> dict:
+    return yaml.safe_load("training_config:\n" + "".join(f"  {line}\n" for line in sections.splitlines()))[
+        "training_config"]
+
+
+def test_every_bad_value_is_named_at_once():
+    from tuner.errors import UserErrors
+
+    with pytest.raises(UserErrors) as caught:
+        build_config("lora", {"LoraConfig": {"r": 0}, "TrainingArguments": {"learning_rate": -1},
+                              "DatasetConfig": {"bad_rows": "nonsense", "long_rows": 3, "format": "parquet"}})
+    assert [e.where for e in caught.value.errors] == [
+        "training_config.LoraConfig.r", "training_config.TrainingArguments.learning_rate",
+        "training_config.DatasetConfig.bad_rows", "training_config.DatasetConfig.long_rows",
+        "training_config.DatasetConfig.format"]

@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 from tuner import __version__, events, termination
-from tuner.errors import EXIT_INTERNAL, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+from tuner.errors import EXIT_INTERNAL, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError, UserErrors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     def render_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
         sub.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
-        sub.add_argument("--namespace", "-n", default="default", help="namespace of the Job (default: default)")
+        sub.add_argument("--namespace", "-n", help="namespace of the Job (default: the Workspace's "
+                                                   "metadata.namespace, else default)")
         sub.add_argument("--image", help="the tuner image the Job runs (default: the release's image)")
         sub.add_argument("--no-resume", action="store_true",
                          help="work volume as an emptyDir: a retried pod starts over instead of resuming")
@@ -154,7 +155,7 @@ def _cluster(args: argparse.Namespace) -> int:
     if args.command == "submit":
         rendered = _render(args)
         with kube.load_client(args.kubeconfig, args.context) as api:
-            result = kube.submit(api, rendered.manifests, args.namespace, replace=args.replace)
+            result = kube.submit(api, rendered.manifests, rendered.namespace, replace=args.replace)
         for note in rendered.notes:
             events.info(note)
         for verb, items in (("created", result.created), ("replaced", result.replaced),
@@ -162,8 +163,9 @@ def _cluster(args: argparse.Namespace) -> int:
             for item in items:
                 print(f"{verb}: {item}")
         name = result.job.removesuffix("-tuning")
-        print(f"job {args.namespace}/{result.job}: watch it with `tuner status {name} -n {args.namespace}` "
-              f"or `tuner logs -f {name} -n {args.namespace}`")
+        namespace = rendered.namespace
+        print(f"job {namespace}/{result.job}: watch it with `tuner status {name} -n {namespace}` "
+              f"or `tuner logs -f {name} -n {namespace}`")
         return EXIT_OK
     with kube.load_client(args.kubeconfig, args.context) as api:
         return _watch(api, args)
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         events.configure(getattr(args, "log_format", None))
         return _dispatch(args)
+    except UserErrors as exc:  # every problem found in one pass: one line each
+        first, *more = exc.errors
+        return _failed(EXIT_USER_ERROR, "user_error", str(first), first.where, more=more)
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
@@ -226,10 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         events.record_to(None)
 
 
-def _failed(exit_code: int, code: str, message: str, param: str | None) -> int:
-    """One `error: ...` line on stderr (a job.failed event in JSON form) and the termination message."""
+def _failed(exit_code: int, code: str, message: str, param: str | None, more: list[UserError] = ()) -> int:
+    """One `error: ...` line on stderr (a job.failed event in JSON form) and the termination message.
+
+    `more` are further problems found in the same pass: one more line each in text form, the
+    event's `data.errors` in JSON form (still one job.failed event).
+    """
     error = {"code": code, "message": message, "param": param}
-    events.emit("job.failed", f"error: {message}", level="error", error=error, stream=sys.stderr, stamp=False)
+    data = {"errors": [{"code": code, "message": str(e), "param": e.where} for e in more]} if more else None
+    events.emit("job.failed", f"error: {message}", level="error", error=error, data=data, stream=sys.stderr,
+                stamp=False)
+    if more and not events.json_format():
+        sys.stderr.write("".join(f"error: {e}\n" for e in more))
+        sys.stderr.flush()
     _terminated(termination.failed(exit_code, error))
     return exit_code
 
@@ -250,11 +264,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{preset.name:28} {preset.description}")
         return EXIT_OK
     if args.command == "check-data":
+        from tuner.data import require_training_rows
         from tuner.run import check_data
 
-        for line in check_data(args.files, preset_name=args.preset, tokenizer_dir=args.tokenizer,
-                               config_path=args.config, max_length=args.max_length):
+        stats = check_data(args.files, preset_name=args.preset, tokenizer_dir=args.tokenizer,
+                           config_path=args.config, max_length=args.max_length)
+        for line in stats.log_lines():
             print(line)
+        sys.stdout.flush()
+        require_training_rows(stats)  # the pre-flight check refuses exactly what `tuner run` would
         return EXIT_OK
     if args.command == "render":
         sys.stdout.write(_render(args).to_yaml())
@@ -298,6 +316,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                     work_dir=getattr(args, "work_dir", None), allow_private_urls=args.allow_private_urls,
                     registry=_registry_options(args))
     if args.command == "validate":
+        for note in plan.notes:
+            print(f"note: {note}")
+        for warning in plan.config.warnings:
+            print(f"warning: {warning}")
         print(f"ok: {plan.workspace.metadata.name}: {plan.workspace.tuning.method} on {plan.preset.name}, "
               f"config {plan.config.digest()[:19]}")
         return EXIT_OK

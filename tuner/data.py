@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tuner import formats, readers
-from tuner.encode import LONG_ROW_POLICIES, Encoder
+from tuner.encode import LONG_ROW_POLICIES, TOO_LONG, Encoder
 from tuner.errors import UserError
 from tuner.store import ExampleStore, StoreWriter
 
@@ -38,6 +38,7 @@ class FileReport:
     format: str
     description: str
     rows: int
+    ignored_columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +62,9 @@ class DataStats:
 
     def log_lines(self) -> list[str]:
         """The human report: a `format:` line per file first, then rows, drops, lengths."""
-        lines = [f"format: {f.description}, {_rows(f.rows)} ({Path(f.path).name})" for f in self.files]
+        lines = [f"format: {f.description}, {_rows(f.rows)} ({Path(f.path).name})"
+                 + (f"; column{'s' if len(f.ignored_columns) > 1 else ''} {', '.join(f.ignored_columns)} ignored"
+                    if f.ignored_columns else "") for f in self.files]
         dropped = sum(d.count for d in self.dropped.values())
         lines.append(f"rows: {self.rows_read:,} read, {self.rows_kept:,} kept, {dropped:,} dropped; "
                      f"{self.train_rows:,} train / {self.eval_rows:,} eval")
@@ -77,6 +80,23 @@ class DataStats:
         else:
             lines.append(f"length: {over}: dropped")
         return lines
+
+
+def require_training_rows(stats: DataStats) -> None:
+    """Refuse data that leaves no row to train on: the one rule `tuner run` and `tuner check-data` share."""
+    if stats.rows_kept:
+        return
+    names = ", ".join(Path(f.path).name for f in stats.files) or "the inputs"
+    if not stats.rows_read:
+        raise UserError(f"no training rows: {names} hold{'s' if len(stats.files) == 1 else ''} no rows",
+                        fix="give files with at least one row")
+    reasons = [f"{d.count:,} {reason} (e.g. {d.rows[0]})"
+               for reason, d in sorted(stats.dropped.items(), key=lambda item: -item[1].count)]
+    fix = "fix those rows or the dataset's format and roles (the report above names them)"
+    if TOO_LONG in stats.dropped:
+        fix += f"; raise TrainingArguments.max_length ({stats.max_length:,}) or set DatasetConfig.long_rows: truncate"
+    raise UserError(f"no training rows are left: all {stats.rows_read:,} rows of {names} were dropped: "
+                    f"{', '.join(reasons)}", fix=fix)
 
 
 def _rows(n: int) -> str:
@@ -150,7 +170,7 @@ def prepare(files: list[Path], tokenizer, *, max_length: int, out_dir: Path,
                                                          "DatasetConfig.long_rows to truncate or drop")
                 tally.add(encoded)
                 writer.write(encoded.ids, encoded.mask, encoded.lengths)
-            tally.files.append(FileReport(str(path), fmt.name, fmt.description, rows_in_file))
+            tally.files.append(FileReport(str(path), fmt.name, fmt.description, rows_in_file, list(fmt.ignored)))
     finally:
         writer.close()
     store = ExampleStore(out_dir / STORE_FILE)
@@ -163,7 +183,11 @@ def prepare(files: list[Path], tokenizer, *, max_length: int, out_dir: Path,
 def _detect_formats(paths: list[Path], mapping) -> list[tuple[Path, formats.Format]]:
     detected = []
     for path in paths:
-        fmt = formats.detect_format(readers.file_columns(path), mapping, where=str(path))
+        columns = readers.file_columns(path)
+        if not columns:
+            raise UserError("the file holds no rows (or only rows without fields)", where=str(path),
+                            fix="give files with at least one row in one of the formats tuner reads")
+        fmt = formats.detect_format(columns, mapping, where=str(path))
         if detected and fmt.name != detected[0][1].name:
             first = detected[0]
             raise UserError(f"{path.name} is in {fmt.name} format but {first[0].name} is in {first[1].name} format",

@@ -23,6 +23,17 @@ class UserError(Exception):
         super().__init__("; ".join(parts))
 
 
+class UserErrors(UserError):
+    """Several independent problems found in one pass (a config's every bad value): one line each."""
+
+    def __init__(self, errors: list[UserError]):
+        super().__init__(str(errors[0]), where=errors[0].where)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
+
+
 class Preempted(SystemExit):
     """Training stopped on SIGTERM after saving a checkpoint; the job should be retried (exit 143)."""
 

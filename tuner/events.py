@@ -63,14 +63,14 @@ def json_format() -> bool:
     return _log.format == "json"
 
 
-def record_to(path: Path | None) -> None:
-    """Append every event to `path` (JSON lines) from now on; None stops recording."""
+def record_to(path: Path | None, *, fresh: bool = False) -> None:
+    """Append every event to `path` (JSON lines) from now on (`fresh`: empty it first); None stops."""
     if _log.record is not None:
         _log.record.close()
         _log.record = None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _log.record = open(path, "a", buffering=1)
+        _log.record = open(path, "w" if fresh else "a", buffering=1)
 
 
 def emit(type: str, message: str, *, level: str = "info", step: int | None = None,

@@ -42,6 +42,7 @@ SPEC_DIGEST = "tuner.dev/spec-digest"
 OWNED_BY_JOB = "tuner.dev/owned-by-job"
 FETCH_CONTAINER = "fetch"
 TUNER_CONTAINER = "tuner"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 _TIMEOUT = (10, 60)  # (connect, read) seconds for every non-streaming call
@@ -414,21 +415,47 @@ def status(api: client.ApiClient, name: str, namespace: str) -> JobStatus:
 
 
 def _latest_result(pods: list[dict]) -> str | None:
-    """`describe_result` of the newest terminated tuner container (newest pod first), from the pod objects."""
-    for pod in sorted(pods, key=_pod_order, reverse=True):
-        for container in (pod.get("status") or {}).get("containerStatuses") or []:
-            if container.get("name") != TUNER_CONTAINER:
-                continue
-            terminated = ((container.get("state") or {}).get("terminated")
-                          or (container.get("lastState") or {}).get("terminated"))
-            if not terminated:
-                continue
-            message = terminated.get("message") or ""
-            if message.strip():
-                return describe_result(message)
+    """`describe_result` of the latest outcome, from the pod objects alone.
+
+    The newest pod of index 0 first (on a multi-node Job only index 0 writes the job's outcome;
+    a worker may be created a moment later and write nothing), then the other pods, newest first.
+    In a pod the tuner container's message wins; a fetch that failed (404, bad data) leaves the
+    tuner container unstarted, so the init containers are read too.
+    """
+    ordered = sorted(pods, key=_pod_order, reverse=True)
+    ordered.sort(key=lambda pod: _completion_index(pod) not in (None, 0))
+    for pod in ordered:
+        pod_status = pod.get("status") or {}
+        statuses = {s.get("name"): s for s in (pod_status.get("initContainerStatuses") or [])
+                    + (pod_status.get("containerStatuses") or [])}
+        ended = [terminated for name in (TUNER_CONTAINER, FETCH_CONTAINER)
+                 if (terminated := _terminated(statuses.get(name))) is not None
+                 and (name == TUNER_CONTAINER or terminated.get("exitCode"))]  # a fetch that succeeded says nothing
+        for terminated in ended:
+            if (terminated.get("message") or "").strip():
+                return describe_result(terminated["message"])
+        if ended:
+            terminated = ended[0]
             details = [f"exit {terminated['exitCode']}"] if terminated.get("exitCode") is not None else []
             details += [str(terminated["reason"])] if terminated.get("reason") else []
             return "terminated without a termination message" + (f" ({', '.join(details)})" if details else "")
+    return None
+
+
+def _terminated(container_status: dict | None) -> dict | None:
+    if not container_status:
+        return None
+    return ((container_status.get("state") or {}).get("terminated")
+            or (container_status.get("lastState") or {}).get("terminated"))
+
+
+def _completion_index(pod: dict) -> int | None:
+    """An Indexed Job pod's index (annotation, and label since Kubernetes 1.28); None for other Jobs."""
+    metadata = pod.get("metadata") or {}
+    for values in (metadata.get("annotations") or {}, metadata.get("labels") or {}):
+        value = values.get(COMPLETION_INDEX)
+        if value is not None and str(value).isdigit():
+            return int(value)
     return None
 
 

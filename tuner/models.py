@@ -27,8 +27,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNER_CACHE_DIR") or Path.home() / ".cache" / "tuner")
 
 
-def resolve_base_model(preset: Preset, override: str | None = None) -> Path:
-    """Return a local folder holding the preset's weights, config and tokenizer."""
+# ModelConfig keys that choose where the hub download comes from (huggingface_hub.snapshot_download's names)
+HUB_KEYS = ("revision", "cache_dir", "force_download", "proxies", "local_files_only")
+
+
+def resolve_base_model(preset: Preset, override: str | None = None, hub_options: dict | None = None) -> Path:
+    """Return a local folder holding the preset's weights, config and tokenizer.
+
+    `hub_options` holds the ModelConfig keys of HUB_KEYS the user set; they apply to a hub download
+    (a `revision` replaces the preset's pinned one) and are named in a warning where no hub download
+    happens, so a user's `revision:` never silently trains another revision.
+    """
+    hub_options = {k: v for k, v in (hub_options or {}).items() if k in HUB_KEYS}
+    if hub_options and (override or preset.source.gguf_package):
+        source = "a local model folder" if override else f"the {preset.source.gguf_package} package's GGUF file"
+        events.warn(f"ModelConfig.{', ModelConfig.'.join(sorted(hub_options))} not applied: the weights come from "
+                    f"{source}, not the Hugging Face hub")
     if override:
         path = Path(override)
         if not (path / "config.json").is_file():
@@ -40,7 +54,7 @@ def resolve_base_model(preset: Preset, override: str | None = None) -> Path:
         return path
     if preset.source.gguf_package:
         return _converted_gguf(preset)
-    return _hub_snapshot(preset)
+    return _hub_snapshot(preset, hub_options)
 
 
 def _converted_gguf(preset: Preset) -> Path:
@@ -93,16 +107,27 @@ def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _hub_snapshot(preset: Preset) -> Path:
+def _hub_snapshot(preset: Preset, options: dict) -> Path:
     from huggingface_hub import snapshot_download
 
-    hub_id, revision = preset.source.hub_id, preset.source.revision
+    hub_id = preset.source.hub_id
+    revision = options.get("revision") or preset.source.revision
+    if revision != preset.source.revision:
+        events.info(f"model: {hub_id} at revision {revision} (ModelConfig.revision; the preset pins "
+                    f"{preset.source.revision[:12]})")
     try:
         return Path(snapshot_download(
-            hub_id, revision=revision, cache_dir=cache_root() / "hub",
+            hub_id, revision=revision, cache_dir=options.get("cache_dir") or cache_root() / "hub",
+            force_download=bool(options.get("force_download")), proxies=options.get("proxies"),
+            local_files_only=bool(options.get("local_files_only")),
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
         ))
     except Exception as exc:  # the hub client raises many types; all mean "weights unavailable"
+        if options.get("local_files_only"):
+            raise UserError(f"{hub_id}@{revision[:12]} is not in the model cache and ModelConfig.local_files_only "
+                            "is true", where=f"preset {preset.name}",
+                            fix="remove local_files_only (Kaito's template sets it for its preset images) to "
+                                "download the weights, or set ModelConfig.pretrained_model_name_or_path") from exc
         raise UserError(
             f"cannot download {hub_id}@{revision[:12]} from the Hugging Face hub ({type(exc).__name__})",
             where=f"preset {preset.name}",

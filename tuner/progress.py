@@ -41,13 +41,14 @@ class ProgressEvents(TrainerCallback):
         self.started = time.monotonic()
         self.first_step, self.first_tokens = state.global_step, state.num_input_tokens_seen
         effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        epochs = planned_epochs(state, args, kwargs.get("train_dataloader"))
         events.emit(
             "train.started",
-            f"train: {state.max_steps:,} steps, {args.num_train_epochs:g} epochs, effective batch {effective} "
+            f"train: {state.max_steps:,} steps, {epochs:g} epochs, effective batch {effective} "
             f"(batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation"
             + (f" x {args.world_size} processes" if args.world_size > 1 else "") + ")",
             step=state.global_step,
-            data={"total_steps": state.max_steps, "epochs": args.num_train_epochs, "effective_batch": effective,
+            data={"total_steps": state.max_steps, "epochs": epochs, "effective_batch": effective,
                   "per_device_batch": args.per_device_train_batch_size,
                   "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": args.world_size})
 
@@ -89,6 +90,20 @@ class ProgressEvents(TrainerCallback):
             message = (f"eval: step {state.global_step}/{state.max_steps} | eval_loss {loss:.4f}"
                        + (f" (base {self.base_eval_loss:.4f})" if self.base_eval_loss is not None else ""))
         events.emit("eval", message, step=state.global_step, metrics=metrics, data={"model": self.phase})
+
+
+def planned_epochs(state, args, dataloader) -> float:
+    """The epochs the run will really cover: max_steps over the optimizer steps per epoch.
+
+    `args.num_train_epochs` (3 by default) is not it when `max_steps` is set; the Trainer's own
+    `state.num_train_epochs` is that rounded up, so it is the fallback without a dataloader.
+    """
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        return float(state.num_train_epochs)
+    steps_per_epoch = max(1, -(-batches // args.gradient_accumulation_steps))  # the Trainer's ceiling division
+    return round(state.max_steps / steps_per_epoch, 2)
 
 
 def peak_memory() -> tuple[str, float]:

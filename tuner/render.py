@@ -10,7 +10,6 @@ code reads local paths in a pod and on a laptop.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from tuner import __version__, distributed, termination
+from tuner import __version__, distributed, k8s_names, termination
 from tuner.errors import EXIT_USER_ERROR, UserError
 from tuner.presets import bundled_dir
 from tuner.run import JobPlan
@@ -35,15 +34,13 @@ PULL_SECRET_DIR = f"{CONFIG_DIR}/pull-secret"
 URL_HEADERS_DIR = f"{CONFIG_DIR}/url-headers"
 RENDEZVOUS_PORT = 29500
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # Kubernetes' default path, named for clarity
-_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_JOB_NAME_LIMIT = 63 - len("-tuning") - 6  # pod hostnames add "-<index>-xxxxx"; labels cap at 63
 
 
 @dataclass(frozen=True)
 class RenderOptions:
     """Cluster-side choices the Workspace does not hold."""
 
-    namespace: str = "default"
+    namespace: str | None = None  # None: the Workspace's metadata.namespace, else "default"
     image: str = DEFAULT_IMAGE
     resume: bool = True  # False: an emptyDir work volume, so a retried pod starts over
     work_pvc: str | None = None  # an existing claim to use instead of creating one
@@ -63,6 +60,7 @@ class RenderOptions:
 class Rendered:
     manifests: list[dict[str, Any]]
     notes: list[str]  # decisions worth telling the user (precision changes, the memory estimate)
+    namespace: str = "default"
 
     def to_yaml(self) -> str:
         header = "".join(f"# {note}\n" for note in self.notes)
@@ -86,22 +84,20 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
 
     workspace = plan.workspace
     name = workspace.metadata.name
-    if not _NAME_RE.fullmatch(name) or len(name) > _JOB_NAME_LIMIT:
-        raise UserError(f"metadata.name {name!r} cannot name a Job", where=str(plan.workspace_path),
-                        fix=f"use at most {_JOB_NAME_LIMIT} lowercase letters, digits and '-'")
     resource, tuning = workspace.resource, workspace.tuning
     sku = gpus.lookup(resource.instance_type, gpu_count=options.gpus, gpu_memory_gib=options.gpu_memory_gib)
     config, notes = precision.for_sku(plan.config, sku)
     estimate = gpu_memory.estimate(plan.preset, config, plan.max_length)
     gpu_memory.check_fits(sku, estimate, plan.preset.name)
-    notes = [*notes, f"{sku.name}: {sku.gpu_count}x {sku.gpu_model} {sku.gpu_memory_gib:g} GiB; "
+    notes = [*plan.notes, *(f"warning: {w}" for w in plan.config.warnings), *notes, f"{sku.name}: {sku.gpu_count}x {sku.gpu_model} {sku.gpu_memory_gib:g} GiB; "
                      f"estimated need per GPU: {estimate.describe()}"]
 
     job_name = f"{name}-tuning"
     labels = {"app.kubernetes.io/name": "tuner", "app.kubernetes.io/instance": name,
               "app.kubernetes.io/managed-by": "tuner", "app.kubernetes.io/version": __version__,
               "kaito.sh/workspace": name}
-    common = {"namespace": options.namespace, "labels": labels}
+    namespace = job_namespace(options.namespace, workspace.metadata.namespace)
+    common = {"namespace": namespace, "labels": labels}
     nodes = resource.count
     service_name = f"{job_name}-nodes"
     manifests = [_template("configmap.yaml", name=job_name, **common,
@@ -135,8 +131,9 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
     shared_env = [{"name": "TUNER_LOG_FORMAT", "value": options.log_format},
                   {"name": termination.PATH_ENV, "value": TERMINATION_MESSAGE_PATH}]
     env += shared_env
-    # The fetch container also needs NODE_RANK for its per-node work directory.
-    fetch_env = [e for e in env if e["name"] == "NODE_RANK"] + shared_env
+    # The fetch container also needs NODE_RANK for its per-node work directory, and DOCKER_CONFIG to
+    # check the push secret.
+    fetch_env = [e for e in env if e["name"] in ("NODE_RANK", "DOCKER_CONFIG")] + shared_env
     if options.url_headers_secret:
         fetch_env.append({"name": "TUNER_URL_HEADERS_FILE", "value": f"{URL_HEADERS_DIR}/headers.json"})
     if command:  # torchrun's wait for its workers after SIGTERM, within the pod's grace period
@@ -159,7 +156,20 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
         manifests.append(_template("pvc.yaml", name=f"{job_name}-work", **common,
                                    access_mode="ReadWriteMany" if nodes > 1 else "ReadWriteOnce",
                                    size=options.storage_size, storage_class=options.storage_class))
-    return Rendered(manifests, notes)
+    return Rendered(manifests, notes, namespace)
+
+
+def job_namespace(flag: str | None, workspace_namespace: str | None) -> str:
+    """Where the Job goes: `-n`, else the Workspace's own namespace (where its Secrets live), else default."""
+    if flag and workspace_namespace and flag != workspace_namespace:
+        raise UserError(f"--namespace {flag} disagrees with the Workspace's metadata.namespace {workspace_namespace}",
+                        where="--namespace", fix="drop -n (the Workspace's namespace is used), or make them the same")
+    namespace = flag or workspace_namespace or "default"
+    try:
+        return k8s_names.dns1123_label(namespace, "namespace")
+    except ValueError as exc:
+        raise UserError(str(exc), where="--namespace" if flag else "metadata.namespace",
+                        fix="name an existing namespace") from None
 
 
 def _pod_workspace(workspace_path: Path) -> str:
@@ -188,8 +198,11 @@ def _volumes(plan: JobPlan, options: RenderOptions, job_name: str,
     fetch_mounts = [config_mount, work_mount]
     run_mounts = [config_mount, work_mount, {"name": "dshm", "mountPath": "/dev/shm"}]
     if tuning.input.volume_source:
+        # fetch records the files' paths under the mount; `run --skip-fetch` reads them there again
         volumes.append({"name": "input", **tuning.input.volume_source})
-        fetch_mounts.append({"name": "input", "mountPath": INPUT_MOUNT, "readOnly": True})
+        input_mount = {"name": "input", "mountPath": INPUT_MOUNT, "readOnly": True}
+        fetch_mounts.append(input_mount)
+        run_mounts.append(input_mount)
     if tuning.input.image and tuning.input.image_pull_secrets:
         volumes.append(_docker_config_volume("pull-secret", tuning.input.image_pull_secrets[0]))
         fetch_mounts.append({"name": "pull-secret", "mountPath": PULL_SECRET_DIR, "readOnly": True})
@@ -202,8 +215,11 @@ def _volumes(plan: JobPlan, options: RenderOptions, job_name: str,
         volumes.append({"name": "output", **tuning.output.volume_source})
         run_mounts.append({"name": "output", "mountPath": OUTPUT_MOUNT})
     if tuning.output.image_push_secret:
+        # fetch checks the push secret too, so a malformed one fails before any download
         volumes.append(_docker_config_volume("push-secret", tuning.output.image_push_secret))
-        run_mounts.append({"name": "push-secret", "mountPath": PUSH_SECRET_DIR, "readOnly": True})
+        push_mount = {"name": "push-secret", "mountPath": PUSH_SECRET_DIR, "readOnly": True}
+        fetch_mounts.append(push_mount)
+        run_mounts.append(push_mount)
     return volumes, fetch_mounts, run_mounts
 
 

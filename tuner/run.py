@@ -19,7 +19,7 @@ from tuner.errors import UserError
 from tuner.fetch import InputFile, fetch_inputs
 from tuner.presets import Preset, get_preset
 from tuner.report import EVENTS_FILE
-from tuner.spec import DataSource, Workspace, load_workspace, local_host_path
+from tuner.spec import DataSource, Workspace, image_notes, load_workspace, local_host_path
 from tuner.training_config import TrainingConfig, build_config, load_config_file
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class JobPlan:
     work_dir: Path
     allow_private_urls: bool
     registry: RegistryOptions
+    notes: tuple[str, ...] = ()  # what the plan decided that the user should read once (normalised images)
 
     @property
     def max_length(self) -> int:
@@ -63,7 +64,6 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
 
     `for_cluster` plans for `tuner render`: volumes and the push secret are the cluster's, not this machine's.
     """
-    from tuner.credentials import docker_config_file, load_credentials, registry_key
     from tuner.oci import RegistryTarget, parse_output_ref
     from tuner.registry import RegistryOptions
 
@@ -74,11 +74,14 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
         raise UserError(f"tuning.config names the ConfigMap {tuning.config!r}, which a local run cannot read",
                         where=str(workspace_path), fix="pass its manifest with --config CONFIGMAP.yaml")
     config = build_config(tuning.method, load_config_file(config_path) if config_path else None)
+    notes = [n for n in image_notes(workspace) if not (output and n.startswith("tuning.output"))]
     if output or tuning.output.image:
         try:
             target = parse_output_ref(output or tuning.output.image)
         except UserError as exc:
             raise UserError(str(exc), where="--output" if output else "tuning.output.image") from None
+        if output and isinstance(target, RegistryTarget) and target.reference != output:
+            notes.append(f"--output: {output} normalised to {target.reference}, as Kaito reads it")
     elif for_cluster:
         from tuner.render import OUTPUT_MOUNT
 
@@ -87,13 +90,21 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
         target = local_host_path(tuning.output.volume_source, workspace_path.parent, "tuning.output.volumeSource")
     registry = registry or RegistryOptions()
     if isinstance(target, RegistryTarget) and not for_cluster:
-        host = registry_key(target.reference)
-        config_file = docker_config_file(registry.config_file)
-        if load_credentials(host, config_file) is None:  # a malformed secret fails above, before any work
-            events.warn(f"no credentials for {host} in {config_file or 'DOCKER_CONFIG or ~/.docker/config.json'}: "
-                        "the push will be anonymous (set tuning.output.imagePushSecret)")
+        check_push_credentials(target, registry.config_file)
     return JobPlan(workspace, workspace_path, preset, config, target, work_dir or default_work_dir(workspace),
-                   allow_private_urls, registry)
+                   allow_private_urls, registry, tuple(notes))
+
+
+def check_push_credentials(target: RegistryTarget, config_file: Path | None, *, warn_missing: bool = True) -> None:
+    """Read the push credentials now: a malformed secret is a UserError before any download or GPU time;
+    none at all is a warning (the push will be anonymous), given by `tuner run` (not again by fetch)."""
+    from tuner.credentials import docker_config_file, load_credentials, registry_key
+
+    host = registry_key(target.reference)
+    found = docker_config_file(config_file)
+    if load_credentials(host, found) is None and warn_missing:
+        events.warn(f"no credentials for {host} in {found or 'DOCKER_CONFIG or ~/.docker/config.json'}: "
+                    "the push will be anonymous (set tuning.output.imagePushSecret)")
 
 
 def default_work_dir(workspace: Workspace) -> Path:
@@ -103,7 +114,14 @@ def default_work_dir(workspace: Workspace) -> Path:
 def fetch_job(workspace_path: Path, *, work_dir: Path | None = None, allow_private_urls: bool = False,
               registry: RegistryOptions | None = None) -> tuple[Path, list[InputFile]]:
     """`tuner fetch`: only the fetch stage, into WORK/inputs; return the marker file and the inputs."""
+    from tuner.oci import parse_output_ref
+
     workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
+    for note in image_notes(workspace):
+        if note.startswith("tuning.input"):
+            events.info(note)
+    if workspace.tuning.output.image:  # the push secret (at $DOCKER_CONFIG in the Job) is checked before any download
+        check_push_credentials(parse_output_ref(workspace.tuning.output.image), None, warn_missing=False)
     work_dir = work_dir or default_work_dir(workspace)
     inputs = _fetch(workspace.tuning.input, workspace_path, work_dir, allow_private_urls, registry)
     return work_dir / INPUTS_DIR / FETCHED_MARKER, inputs
@@ -126,12 +144,13 @@ def run_job(plan: JobPlan, *, skip_fetch: bool = False, restart: bool = False) -
     timeout = timedelta(seconds=int(plan.config.training_arguments.get("ddp_timeout", DEFAULT_DDP_TIMEOUT)))
     with distributed.process_group(ranks, timeout), distributed.quiet_unless_main(ranks):
         if ranks.is_main:  # closed by the CLI once the job's last event (success or failure) is in
-            events.record_to(plan.work_dir / EVENTS_FILE)
+            # a restart starts the record anew: the loss curve in the image must not carry the old run's tail
+            events.record_to(plan.work_dir / EVENTS_FILE, fresh=restart)
         return _run_stages(plan, ranks, skip_fetch, restart)
 
 
 def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, restart: bool = False) -> dict | None:
-    from tuner import train
+    from tuner import data, train
     from tuner.publish import ADAPTER_DIR, SUMMARY_FILE
 
     tuning = plan.workspace.tuning
@@ -142,6 +161,10 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
                 data={"tuner_version": __version__, "workspace": plan.workspace.metadata.name,
                       "preset": plan.preset.name, "method": tuning.method, "devices": devices,
                       "world_size": ranks.world_size, "work_dir": str(plan.work_dir)})
+    for note in plan.notes:
+        events.info(note)
+    for warning in plan.config.warnings:
+        events.warn(warning)
     stages: dict[str, float] = {}
     for key in ("dataset_path", "dataset_extension"):
         if plan.config.dataset.get(key):
@@ -163,9 +186,7 @@ def _run_stages(plan: JobPlan, ranks: distributed.Ranks, skip_fetch: bool, resta
             for line in prepared.stats.log_lines():
                 events.info(line)
             _data_prepared(prepared.stats)
-        if not len(prepared.train):
-            raise UserError("no training rows are left after preparation", where="tuning.input",
-                            fix="check the dataset's format and the dropped-row reasons above")
+        data.require_training_rows(prepared.stats)
         finished = not restart and _finished_summary(plan.work_dir, adapter_dir,
                                                      _job_identity(plan, inputs, prepared)) is not None
         return (model_dir, tokenizer, prepared), (inputs, prepared.stats, finished)
@@ -354,7 +375,8 @@ def _load_model(plan: JobPlan):
     """The base model's folder and its tokenizer."""
     from tuner import models, train
 
-    model_dir = models.resolve_base_model(plan.preset, plan.config.model.get("pretrained_model_name_or_path"))
+    model_dir = models.resolve_base_model(plan.preset, plan.config.model.get("pretrained_model_name_or_path"),
+                                          hub_options=plan.config.model)
     return model_dir, train.load_tokenizer(model_dir, plan.config)
 
 
@@ -376,8 +398,8 @@ def _prepare_once(inputs: list[InputFile], tokenizer, plan: JobPlan, out_dir: Pa
 
 
 def check_data(files: list[Path], *, preset_name: str, tokenizer_dir: Path | None = None,
-               config_path: Path | None = None, max_length: int | None = None) -> list[str]:
-    """`tuner check-data`: prepare the files into a scratch folder and return the report lines."""
+               config_path: Path | None = None, max_length: int | None = None) -> DataStats:
+    """`tuner check-data`: prepare the files into a scratch folder and return what preparation did."""
     import tempfile
 
     from tuner import models, train
@@ -387,7 +409,7 @@ def check_data(files: list[Path], *, preset_name: str, tokenizer_dir: Path | Non
     tokenizer = train.load_tokenizer(tokenizer_dir or models.resolve_base_model(preset), config)
     length = max_length or effective_max_length(config, preset)
     with tempfile.TemporaryDirectory(prefix="tuner-check-") as scratch:
-        return _prepare(files, tokenizer, config, length, Path(scratch)).stats.log_lines()
+        return _prepare(files, tokenizer, config, length, Path(scratch)).stats
 
 
 def _prepare(files: list[Path], tokenizer, config: TrainingConfig, max_length: int, out_dir: Path):

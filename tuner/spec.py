@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-from tuner.errors import UserError
+from tuner import k8s_names
+from tuner.errors import UserError, UserErrors
+from tuner.image_ref import InvalidReference, parse_docker_ref
 from tuner.yamlio import field_path, load_yaml_file
 
 # Hostnames of cloud instance-metadata services: reading them from a Job leaks node credentials.
@@ -18,6 +20,7 @@ METADATA_HOSTS = frozenset({
     "instance-data", "instance-data.ec2.internal", "metadata.tencentyun.com",
 })
 METADATA_IPS = frozenset({"169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"})
+MAX_NODES = 256  # resource.count: an Indexed Job of this many training nodes is already far past any use seen
 
 
 class _Strict(BaseModel):
@@ -25,28 +28,83 @@ class _Strict(BaseModel):
 
 
 class Metadata(BaseModel):
-    """Kubernetes object metadata; only `name` matters to tuner, the rest is kept as given."""
+    """Kubernetes object metadata; only `name` and `namespace` matter to tuner, the rest is kept as given."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    name: str
     namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if len(value) > k8s_names.WORKSPACE_NAME_MAX and len(value) <= k8s_names.DNS1123_LABEL_MAX:
+            raise ValueError(f"{value!r} is {len(value)} characters: Kaito allows 63, but tuner's Job "
+                             f"{value}-tuning and its pods' host names ({value}-tuning-<index>) would pass "
+                             f"Kubernetes' 63; use at most {k8s_names.WORKSPACE_NAME_MAX}")
+        return k8s_names.dns1123_label(value, "metadata.name", k8s_names.WORKSPACE_NAME_MAX)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        return value if value is None else k8s_names.dns1123_label(value, "metadata.namespace")
+
+
+class NodeSelectorRequirement(_Strict):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[str] = Field(default_factory=list)
+
+    _check_key = field_validator("key")(lambda v: k8s_names.label_key(v))
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> "NodeSelectorRequirement":
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs at least one value")
+        if self.operator in ("Gt", "Lt") and (len(self.values) != 1 or not self.values[0].lstrip("-").isdigit()):
+            raise ValueError(f"operator {self.operator} needs exactly one integer value")
+        for value in self.values:
+            k8s_names.label_value(value, self.key)
+        return self
 
 
 class LabelSelector(_Strict):
     match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
-    match_expressions: list[dict[str, Any]] = Field(default_factory=list, alias="matchExpressions")
+    match_expressions: list[NodeSelectorRequirement] = Field(default_factory=list, alias="matchExpressions")
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            k8s_names.label_value(value, k8s_names.label_key(key))
+        return labels
 
 
 class Resource(_Strict):
     instance_type: str | None = Field(default=None, alias="instanceType")
-    count: int = Field(default=1, ge=1)
+    count: StrictInt = Field(default=1, ge=1, le=MAX_NODES)
     label_selector: LabelSelector | None = Field(default=None, alias="labelSelector")
     preferred_nodes: list[str] = Field(default_factory=list, alias="preferredNodes")
+
+    _check_nodes = field_validator("preferred_nodes")(
+        lambda nodes: [k8s_names.dns1123_subdomain(n, "preferredNodes entry") for n in nodes])
 
 
 class PresetRef(_Strict):
     name: str = Field(min_length=1)
     preset_options: dict[str, Any] | None = Field(default=None, alias="presetOptions")
+
+
+def _parsable(image: str, direction: str) -> str:
+    """Kaito's webhook check of an image reference (ParseDockerRef), with its reason."""
+    try:
+        parse_docker_ref(image)
+    except InvalidReference as exc:
+        raise ValueError(f"unable to parse {direction} image reference {image!r}: {exc} (write it as "
+                         "[REGISTRY/]REPOSITORY[:TAG][@DIGEST] with a lowercase repository, e.g. "
+                         "myregistry.azurecr.io/datasets/chat:v1)") from None
+    return image
 
 
 def _one_volume(value: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +122,9 @@ class DataSource(_Strict):
     volume_source: dict[str, Any] | None = Field(default=None, alias="volumeSource")
     image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
 
+    _check_image = field_validator("image")(lambda v: v if not v else _parsable(v, "input"))
+    _check_secrets = field_validator("image_pull_secrets")(
+        lambda names: [k8s_names.dns1123_subdomain(n, "Secret name") for n in names])
     _check_volume = field_validator("volume_source")(lambda v: v if v is None else _one_volume(v))
 
     @model_validator(mode="after")
@@ -82,6 +143,9 @@ class DataDestination(_Strict):
     image_push_secret: str | None = Field(default=None, alias="imagePushSecret")
     volume_source: dict[str, Any] | None = Field(default=None, alias="volumeSource")
 
+    _check_image = field_validator("image")(lambda v: v if not v else _parsable(v, "output"))
+    _check_secret = field_validator("image_push_secret")(
+        lambda name: name if name is None else k8s_names.dns1123_subdomain(name, "Secret name"))
     _check_volume = field_validator("volume_source")(lambda v: v if v is None else _one_volume(v))
 
     @model_validator(mode="after")
@@ -162,11 +226,29 @@ def load_workspace(path: Path, *, allow_private_urls: bool = False) -> Workspace
                         fix="start from ../shared/seed-examples or the README example")
     try:
         workspace = Workspace.model_validate(document)
-    except ValidationError as exc:
-        raise UserError(_describe(exc.errors()[0]), where=f"{path}") from None
+    except ValidationError as exc:  # every problem at once, one line each
+        errors = [UserError(_describe(error), where=f"{path}") for error in exc.errors()]
+        raise errors[0] if len(errors) == 1 else UserErrors(errors) from None
     for index, url in enumerate(workspace.tuning.input.urls or []):
         check_url(url, allow_private_urls, f"tuning.input.urls[{index}]")
     return workspace
+
+
+def _images(workspace: Workspace) -> list[tuple[str, str]]:
+    tuning = workspace.tuning
+    return [(where, image) for where, image in (("tuning.input.image", tuning.input.image),
+                                                 ("tuning.output.image", tuning.output.image)) if image]
+
+
+def image_notes(workspace: Workspace) -> list[str]:
+    """One line per image reference that Kaito's normalisation changes (`data:v1` is Docker Hub's
+    `docker.io/library/data:v1`), so the user sees which registry tuner will talk to."""
+    notes = []
+    for where, image in _images(workspace):
+        normalised = str(parse_docker_ref(image))  # validated when the Workspace was loaded
+        if normalised != image:
+            notes.append(f"{where}: {image} normalised to {normalised}, as Kaito reads it")
+    return notes
 
 
 def _describe(error: dict[str, Any]) -> str:

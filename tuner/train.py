@@ -242,6 +242,9 @@ def _datasets(data: PreparedData, config: TrainingConfig, tokenizer, max_length:
         collator = PadCollator(tokenizer.pad_token_id, config.data_collator.get("pad_to_multiple_of"))
         return ExampleDataset(data.train), (ExampleDataset(data.eval) if len(data.eval) else None), collator
 
+    if config.data_collator.get("pad_to_multiple_of"):
+        events.warn("DataCollator.pad_to_multiple_of is not applied: packed blocks carry no padding "
+                    "(set TrainingArguments.packing: false to pad rows)")
     train_set = PackedDataset(data.train, bins)
     eval_set = PackedDataset(data.eval, pack_best_fit(data.eval.lengths, max_length)) if len(data.eval) else None
     efficiency = packing_efficiency(lengths, bins, max_length)
@@ -259,11 +262,7 @@ def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precisio
     else:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     if config.quantized:
-        quant = {k: v for k, v in config.quantization.items() if k != "quant_method"}
-        if "bnb_4bit_compute_dtype" in quant:
-            # compute in the dtype training runs in: bf16 compute on a CPU is ~9x slower
-            quant["bnb_4bit_compute_dtype"] = precision.dtype
-        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+        kwargs["quantization_config"] = quantization_config(config)
     events.info(f"model: loading {model_dir.name} ({precision.name}{', 4-bit' if config.quantization.get('load_in_4bit') else ''}"
                 f"{', 8-bit' if config.quantization.get('load_in_8bit') else ''}) on {precision.device}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -272,6 +271,19 @@ def load_base_model(model_dir: Path, config: TrainingConfig, precision: Precisio
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(config.training_arguments.get("gradient_checkpointing")))
     return model
+
+
+def quantization_config(config: TrainingConfig) -> BitsAndBytesConfig:
+    """QuantizationConfig as bitsandbytes takes it. The compute dtype is the configured one, adapted
+    only where this device has no fast one, as torch_dtype is (and logged): bf16 compute on a CPU is
+    ~9x slower, a V100 or T4 has no bf16."""
+    quant = {k: v for k, v in config.quantization.items() if k != "quant_method"}
+    if "bnb_4bit_compute_dtype" in quant:
+        compute = choose_precision(quant["bnb_4bit_compute_dtype"])
+        if compute.reason:
+            events.info(f"precision: QuantizationConfig.bnb_4bit_compute_dtype: {compute.reason}")
+        quant["bnb_4bit_compute_dtype"] = compute.dtype
+    return BitsAndBytesConfig(**quant)
 
 
 def _add_lora(model, config: TrainingConfig, preset: Preset):
@@ -292,8 +304,13 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, remove_unused_columns=False,
         # packed rows have no padding (and no attention mask to find it by)
         include_num_input_tokens_seen="all" if packed else "non_padding", use_cpu=precision.device == "cpu",
-        bf16=precision.mixed_bf16, fp16=precision.mixed_fp16,
     )
+    if "bf16" in args or "fp16" in args:  # the user's mixed precision (or render's fp16 for a GPU without bf16)
+        if precision.device == "cpu" and (args.get("bf16") or args.get("fp16")):
+            events.warn("TrainingArguments bf16/fp16 on a CPU: half-precision autocast is applied as asked, "
+                        "and runs slower than float32 here")
+    else:
+        args.update(bf16=precision.mixed_bf16, fp16=precision.mixed_fp16)
     args.update(checkpoints.save_arguments(config.training_arguments))
     args.setdefault("logging_steps", DEFAULT_LOGGING_STEPS)
     args.setdefault("logging_first_step", True)

@@ -19,14 +19,18 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tuner.errors import UserError
+from tuner.config_values import check_values
+from tuner.errors import UserError, UserErrors
+from tuner.formats import ColumnMapping
 from tuner.yamlio import load_yaml_file, parse_yaml
 
 CONFIG_KEY = "training_config.yaml"
 
-# Kaito's lora-params / qlora-params templates (save_strategy "no": tuner keeps its own checkpoints).
+# Kaito's lora-params / qlora-params templates (save_strategy "no": tuner keeps its own checkpoints),
+# less the keys that mean nothing to tuner (device_map, local_files_only for its baked-in weights,
+# DataCollator.mlm): a user who sets them is told, a default would only make noise.
 _COMMON_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ModelConfig": {"torch_dtype": "bfloat16", "local_files_only": True, "device_map": "auto"},
+    "ModelConfig": {"torch_dtype": "bfloat16"},
     "QuantizationConfig": {"load_in_4bit": False},
     "LoraConfig": {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0},
     "TrainingArguments": {
@@ -35,7 +39,7 @@ _COMMON_DEFAULTS: dict[str, dict[str, Any]] = {
         "save_strategy": "no",
         "per_device_train_batch_size": 1,
     },
-    "DataCollator": {"mlm": True},
+    "DataCollator": {},
     "DatasetConfig": {"shuffle_dataset": True, "train_test_split": 1},
 }
 _QLORA_QUANTIZATION = {
@@ -60,10 +64,27 @@ _DATASET_KEYS = {
 }
 _COLLATOR_KEYS = {"mlm", "mlm_probability", "pad_to_multiple_of", "return_tensors"}
 _TOKENIZER_KEYS = {"padding", "truncation", "max_length"}
+# Keys Kaito's dataclasses accept that have no effect in tuner: accepted, so a Kaito ConfigMap
+# works as it is, and named in one warning each, never dropped in silence.
+_NOT_APPLIED = {
+    "ModelConfig": {
+        "device_map": "each process places the model on its own device (one GPU per process; DDP/torchrun)",
+        "state_dict": "the weights come from the base model folder", "from_tf": "the weights are safetensors",
+        "resume_download": "downloads always resume", "output_loading_info": "nothing reads it",
+    },
+    "DataCollator": {
+        "mlm": "a causal LM learns the next token; masked-LM collation does not apply",
+        "mlm_probability": "a causal LM learns the next token; masked-LM collation does not apply",
+        "return_tensors": "tuner's collators return PyTorch tensors",
+    },
+    "TokenizerParams": {
+        "padding": "batches are padded to their longest row (or packed)",
+        "truncation": "long rows follow DatasetConfig.long_rows",
+    },
+}
 # SFTConfig keys that are not TrainingArguments keys and that tuner applies itself.
 _SFT_KEYS_APPLIED = {"max_length", "packing"}
 _SFT_ALIASES = {"max_seq_length": "max_length"}
-_DTYPES = {"bfloat16", "float16", "float32", "auto"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,7 @@ class TrainingConfig:
     training_arguments: dict[str, Any]
     dataset: dict[str, Any]
     data_collator: dict[str, Any]
+    warnings: tuple[str, ...] = ()  # one per key the user set that tuner accepts but does not apply
 
     def as_sections(self) -> dict[str, dict[str, Any]]:
         """The config in Kaito's section layout (what `training_config.yaml` would hold)."""
@@ -102,9 +124,15 @@ def load_config_file(path: Path) -> dict[str, Any]:
     source = f"training config file {path}"
     if isinstance(document, dict) and document.get("kind") == "ConfigMap":
         data = document.get("data") or {}
+        if not isinstance(data, dict):
+            raise UserError(f"the ConfigMap's data is {type(data).__name__}, not a mapping", where=source,
+                            fix=f"map data.{CONFIG_KEY} to the training config as YAML text")
         if CONFIG_KEY not in data:
             raise UserError(f"ConfigMap has no data key {CONFIG_KEY!r}", where=source,
                             fix=f"put the training config under data.{CONFIG_KEY}")
+        if not isinstance(data[CONFIG_KEY], str):
+            raise UserError(f"data.{CONFIG_KEY} is {type(data[CONFIG_KEY]).__name__}, not text", where=source,
+                            fix=f"write it as a block of YAML text: {CONFIG_KEY}: |")
         document = parse_yaml(data[CONFIG_KEY], f"{source} (data.{CONFIG_KEY})")
     if not isinstance(document, dict) or not isinstance(document.get("training_config"), dict):
         raise UserError("expected a top-level 'training_config:' mapping", where=source,
@@ -113,51 +141,66 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_config(method: str, user: dict[str, Any] | None = None) -> TrainingConfig:
-    """Overlay the user's sections on the method's defaults and run Kaito's checks."""
+    """Overlay the user's sections on the method's defaults and run Kaito's checks and tuner's.
+
+    Every problem that needs no data is found here, all at once: a config with three mistakes
+    raises UserErrors holding three errors, each naming its field.
+    """
     user = user or {}
-    unknown = set(user) - set(_COMMON_DEFAULTS) - {"TokenizerParams"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise UserError(f"unknown section {name!r}", where=f"training_config.{name}",
-                        fix=f"use only {', '.join(_COMMON_DEFAULTS)}" + _suggest(name, _COMMON_DEFAULTS))
+    errors: list[UserError] = []
+    for name in (n for n in user if n not in _COMMON_DEFAULTS and n != "TokenizerParams"):
+        errors.append(UserError(f"unknown section {str(name)!r}", where=f"training_config.{name}",
+                                fix=f"use only {', '.join(_COMMON_DEFAULTS)}" + _suggest(str(name), _COMMON_DEFAULTS)))
     sections = copy.deepcopy(_COMMON_DEFAULTS)
     if method == "qlora":
         sections["QuantizationConfig"] = dict(_QLORA_QUANTIZATION)
+    tokenizer_params: dict[str, Any] = {}
     for name, values in user.items():
-        if values is None:
+        if values is None or (name not in sections and name != "TokenizerParams"):
             continue
         if not isinstance(values, dict):
-            raise UserError("must be a mapping of keys to values", where=f"training_config.{name}",
-                            fix="write it as `key: value` lines under the section name")
+            errors.append(UserError("must be a mapping of keys to values", where=f"training_config.{name}",
+                                    fix="write it as `key: value` lines under the section name"))
+            continue
         if name == "TokenizerParams":  # older Kaito templates; max_length is the only one that matters
-            _check_keys(name, values, _TOKENIZER_KEYS)
-            if "max_length" in values:
-                sections["TrainingArguments"]["max_length"] = values["max_length"]
+            tokenizer_params = values
             continue
         if name == "QuantizationConfig" and ("load_in_4bit" in values or "load_in_8bit" in values):
             sections[name] = {}  # the user chose the quantisation mode: inherit no load_in_* default
         sections[name].update(values)
+    if "max_length" in tokenizer_params:
+        sections["TrainingArguments"]["max_length"] = tokenizer_params["max_length"]
+    sections["TrainingArguments"] = {_SFT_ALIASES.get(k, k): v for k, v in sections["TrainingArguments"].items()}
 
-    training_args = {_SFT_ALIASES.get(k, k): v for k, v in sections["TrainingArguments"].items()}
-    _check_keys("ModelConfig", sections["ModelConfig"], _MODEL_KEYS)
-    _check_keys("QuantizationConfig", sections["QuantizationConfig"], _bnb_keys())
-    _check_keys("LoraConfig", sections["LoraConfig"], _lora_keys())
-    _check_keys("TrainingArguments", training_args, _training_argument_keys() | _sft_only_keys())
-    _check_keys("DatasetConfig", sections["DatasetConfig"], _DATASET_KEYS)
-    _check_keys("DataCollator", sections["DataCollator"], _COLLATOR_KEYS)
-    unapplied = sorted(set(training_args) & _sft_only_keys() - _SFT_KEYS_APPLIED)
-    if unapplied:
-        raise UserError("is an SFTConfig option that tuner does not apply (tuner tokenizes, masks and "
-                        "batches the data itself)", where=f"training_config.TrainingArguments.{unapplied[0]}",
-                        fix="remove it")
+    known = {"ModelConfig": _MODEL_KEYS, "QuantizationConfig": _bnb_keys(), "LoraConfig": _lora_keys(),
+             "TrainingArguments": _training_argument_keys() | _sft_only_keys(), "DatasetConfig": _DATASET_KEYS,
+             "DataCollator": _COLLATOR_KEYS, "TokenizerParams": _TOKENIZER_KEYS}
+    for name, values in [*sections.items(), ("TokenizerParams", tokenizer_params)]:
+        errors += _unknown_keys(name, values, known[name])
+    training_args = sections["TrainingArguments"]
+    unapplied = sorted(k for k in training_args if isinstance(k, str) and k in _sft_only_keys() - _SFT_KEYS_APPLIED)
+    errors += [UserError("is an SFTConfig option that tuner does not apply (tuner tokenizes, masks and batches "
+                         "the data itself)", where=f"training_config.TrainingArguments.{key}", fix="remove it")
+               for key in unapplied]
+    checked, value_errors = check_values({**sections, "TokenizerParams": tokenizer_params})
+    errors += value_errors
+    if not errors:
+        try:
+            ColumnMapping.from_dataset_config(checked["DatasetConfig"])  # format and columns, before any data
+        except UserError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0] if len(errors) == 1 else UserErrors(errors)
 
+    warnings = tuple(f"training_config.{section}.{key} is accepted but not applied: {why}"
+                     for section, keys in _NOT_APPLIED.items() for key, why in keys.items()
+                     if key in (user.get(section) or {}))
     config = TrainingConfig(
-        method=method, model=sections["ModelConfig"], quantization=sections["QuantizationConfig"],
-        lora=sections["LoraConfig"], training_arguments=training_args,
-        dataset=sections["DatasetConfig"], data_collator=sections["DataCollator"],
+        method=method, model=checked["ModelConfig"], quantization=checked["QuantizationConfig"],
+        lora=checked["LoraConfig"], training_arguments=checked["TrainingArguments"],
+        dataset=checked["DatasetConfig"], data_collator=checked["DataCollator"], warnings=warnings,
     )
     _check_method(config)
-    _check_values(config)
     return config
 
 
@@ -177,35 +220,10 @@ def _check_method(config: TrainingConfig) -> None:
                         fix="move load_in_4bit/load_in_8bit to QuantizationConfig")
 
 
-def _check_values(config: TrainingConfig) -> None:
-    dtype = config.model.get("torch_dtype")
-    if dtype is not None and dtype not in _DTYPES:
-        raise UserError(f"{dtype!r} is not a dtype", where="training_config.ModelConfig.torch_dtype",
-                        fix=f"use one of {', '.join(sorted(_DTYPES))}")
-    compute = config.quantization.get("bnb_4bit_compute_dtype")
-    if compute is not None and compute not in _DTYPES - {"auto"}:
-        raise UserError(f"{compute!r} is not a dtype",
-                        where="training_config.QuantizationConfig.bnb_4bit_compute_dtype",
-                        fix="use bfloat16, float16 or float32")
-    split = config.dataset.get("train_test_split")
-    if not isinstance(split, (int, float)) or not 0 < split <= 1:
-        raise UserError(f"{split!r} must be a number in (0, 1] (the fraction that trains)",
-                        where="training_config.DatasetConfig.train_test_split", fix="e.g. 0.9 for a 90/10 split")
-    max_length = config.training_arguments.get("max_length")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 16):
-        raise UserError(f"{max_length!r} must be an integer >= 16",
-                        where="training_config.TrainingArguments.max_length")
-    rank = config.lora.get("r")
-    if not isinstance(rank, int) or rank < 1:
-        raise UserError(f"{rank!r} must be a positive integer", where="training_config.LoraConfig.r",
-                        fix="use a LoRA rank such as 8, 16 or 64")
-
-
-def _check_keys(section: str, values: dict[str, Any], known: set[str]) -> None:
-    for key in values:
-        if key not in known:
-            raise UserError("unknown key", where=f"training_config.{section}.{key}",
-                            fix="remove it or fix its spelling" + _suggest(key, known))
+def _unknown_keys(section: str, values: dict[str, Any], known: set[str]) -> list[UserError]:
+    return [UserError("unknown key", where=f"training_config.{section}.{key}",
+                      fix="remove it or fix its spelling" + _suggest(str(key), known))
+            for key in values if key not in known]
 
 
 def _suggest(name: str, known) -> str:
