@@ -111,7 +111,7 @@ def test_a_server_ignoring_range_is_read_again_from_the_start(server, tmp_path):
 
 
 def test_a_read_timeout_mid_body_resumes(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(fetch, "_TIMEOUT", (5, 0.2))
+    monkeypatch.setenv("TUNER_DOWNLOAD_READ_TIMEOUT_SECONDS", "0.2")
 
     def stall(handler: BaseHTTPRequestHandler, n: int) -> None:
         if n == 0:

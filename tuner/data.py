@@ -22,6 +22,14 @@ from tuner.store import ExampleStore, StoreWriter
 BAD_ROW_POLICIES = ("drop", "error")
 ROWS_NAMED_PER_REASON = 5
 STORE_FILE = "examples.arrow"
+TOO_MANY_TURNS = "too many turns"
+# A row no training example can use is dropped before the tokenizer sees it (the tokenizer's Rust
+# core panics, not errs, on a 200 MB string): over ROW_HEADROOM x max_length x the tokenizer's
+# longest token in bytes (no text yields fewer tokens than that), and at least MIN_ROW_LIMIT bytes;
+# a conversation of more turns than max_length / 2 (a turn costs at least two tokens of template).
+ROW_HEADROOM = 4
+MIN_ROW_LIMIT = 1 << 20
+MIN_TURN_LIMIT = 64
 
 
 @dataclass
@@ -143,22 +151,31 @@ def prepare(files: list[Path], tokenizer, *, max_length: int, out_dir: Path,
                         fix=f"use one of {', '.join(LONG_ROW_POLICIES)}")
     paths = readers.dataset_files([Path(f) for f in files])
     detected = _detect_formats(paths, mapping)
+    row_limit, turn_limit = row_limits(tokenizer, max_length)
     encoder = Encoder(tokenizer, max_length, long_rows)
     writer = StoreWriter(out_dir / STORE_FILE)
     tally = _Tally(bad_rows)
     try:
         for path, fmt in detected:
             rows_in_file = 0
-            for chunk in readers.iter_chunks(path, chunk_rows):
+            for chunk in readers.iter_chunks(path, chunk_rows, row_limit):
                 samples = []
                 for number, row in enumerate(chunk.rows, chunk.first_row):
                     if row is None:
                         tally.drop(path, number, chunk.bad.get(number, "unreadable row"))
                         continue
+                    if _larger_than(row, row_limit):
+                        tally.drop(path, number, readers.TOO_LARGE)
+                        continue
                     try:
-                        samples.append((number, formats.to_sample(row, fmt)))
+                        sample = formats.to_sample(row, fmt)
                     except formats.RowDropped as dropped:
                         tally.drop(path, number, dropped.reason)
+                        continue
+                    if isinstance(sample, list) and len(sample) > turn_limit:
+                        tally.drop(path, number, TOO_MANY_TURNS)
+                        continue
+                    samples.append((number, sample))
                 rows_in_file += len(chunk.rows)
                 encoded = encoder.encode(samples)
                 for number, reason in encoded.dropped:
@@ -178,6 +195,33 @@ def prepare(files: list[Path], tokenizer, *, max_length: int, out_dir: Path,
     n_train = _train_count(len(store), train_test_split)
     train, evaluation = IndexedExamples(store, order[:n_train]), IndexedExamples(store, order[n_train:])
     return PreparedData(train, evaluation, tally.stats(max_length, long_rows, len(train), len(evaluation)))
+
+
+def row_limits(tokenizer, max_length: int) -> tuple[int, int]:
+    """(bytes, turns) past which a row cannot become a training example of `max_length` tokens."""
+    longest = max((len(token.encode("utf-8", "replace")) for token in tokenizer.get_vocab()), default=16)
+    return max(MIN_ROW_LIMIT, ROW_HEADROOM * max_length * longest), max(MIN_TURN_LIMIT, max_length // 2)
+
+
+def _larger_than(row: dict, limit: int) -> bool:
+    """Whether the row's text (every string in it, at any depth) adds up to more than `limit` bytes,
+    found without walking more of it than that."""
+    total, stack = 0, [row]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+            total += len(value)
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+            total += len(value)
+        else:
+            total += 1
+        if total > limit:
+            return True
+    return False
 
 
 def _detect_formats(paths: list[Path], mapping) -> list[tuple[Path, formats.Format]]:

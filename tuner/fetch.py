@@ -2,8 +2,9 @@
 
 URL downloads:
 
-- Status retries: 429/500/502/503/504 and errors before the response (connect, read timeouts) are
-  retried `_RETRIES` times with exponential backoff (`_BACKOFF` seconds, doubling).
+- Status retries: 429/500/502/503/504 and connect errors are retried `_RETRIES` times with
+  exponential backoff (`_BACKOFF` seconds, doubling); a response that does not come within the
+  read timeout is retried like a cut, against the same budget and deadline.
 - Resume: a body cut mid-transfer continues with `Range: bytes=N-` (and `If-Range` with the ETag or
   Last-Modified when the server gave one), at most `_RESUMES` times; a server that answers the
   range with 200 is read again from byte 0. A `.part` a killed run left resumes the same way.
@@ -11,6 +12,13 @@ URL downloads:
   (no userinfo, no query string).
 - Size limit: `TUNER_MAX_DOWNLOAD_BYTES` (default 200 GiB), checked against Content-Length before
   the body and while streaming.
+- Time limits, so no server holds a GPU node: each file has a total deadline
+  (`TUNER_DOWNLOAD_DEADLINE_SECONDS`, default 6 h: 200 GiB at 10 MB/s) and a minimum rate
+  (`TUNER_DOWNLOAD_MIN_BYTES_PER_SECOND`, default 16 KiB/s, measured over each
+  `TUNER_DOWNLOAD_RATE_WINDOW_SECONDS`, default 60); every read waits at most
+  `TUNER_DOWNLOAD_READ_TIMEOUT_SECONDS` (default 60). A body that stops at the same byte three
+  times (shorter than its Content-Length: a server that lies) ends the download instead of
+  resuming it ten times.
 - `#sha256=<hex>` at the end of a URL is checked against the file and never sent to the server.
 - Private URLs: `TUNER_URL_HEADERS_FILE` names a JSON file (mounted from a Secret) mapping a host to
   the headers sent to it, `{"data.example.com": {"Authorization": "Bearer ..."}}`; a `host:port` key
@@ -40,12 +48,45 @@ from tuner.registry import RegistryOptions
 from tuner.spec import DataSource, local_host_path
 
 _CHUNK = 1 << 20
-_TIMEOUT = (10, 60)  # connect, read (seconds)
+_CONNECT_TIMEOUT = 10
 _RETRIES = 5  # per request, for retryable statuses and errors before the response
 _RESUMES = 10  # Range requests after cuts mid-body, per file
+_STUCK_CUTS = 2  # cuts in a row at the same byte (after the first one there) that end the download
 _BACKOFF = 0.5  # seconds, doubled per retry
 _REDIRECTS = 10
 _MAX_BYTES = 200 << 30  # per file, unless TUNER_MAX_DOWNLOAD_BYTES says otherwise
+_NAME_LIMIT = 120  # characters of a URL's file name kept in the local name (file systems allow 255 bytes)
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    """What one file's download may take, from the environment (see the module docstring)."""
+
+    max_bytes: int = _MAX_BYTES
+    deadline_seconds: float = 6 * 3600
+    min_bytes_per_second: float = 16 << 10
+    rate_window_seconds: float = 60
+    read_timeout_seconds: float = 60
+
+    @classmethod
+    def from_env(cls) -> DownloadLimits:
+        values = {}
+        for name, env in (("max_bytes", "TUNER_MAX_DOWNLOAD_BYTES"),
+                          ("deadline_seconds", "TUNER_DOWNLOAD_DEADLINE_SECONDS"),
+                          ("min_bytes_per_second", "TUNER_DOWNLOAD_MIN_BYTES_PER_SECOND"),
+                          ("rate_window_seconds", "TUNER_DOWNLOAD_RATE_WINDOW_SECONDS"),
+                          ("read_timeout_seconds", "TUNER_DOWNLOAD_READ_TIMEOUT_SECONDS")):
+            text = os.environ.get(env, "").strip()
+            if not text:
+                continue
+            try:
+                number = float(text)
+            except ValueError:
+                number = -1.0
+            if not number >= 0 or number == float("inf") or (number == 0 and name != "min_bytes_per_second"):
+                raise UserError(f"{env}={text[:40]!r} is not a positive number", where=env, fix="set a positive number")
+            values[name] = int(number) if name == "max_bytes" else number
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -101,7 +142,7 @@ def _download(url: str, dest: Path, index: int, allow_private: bool) -> InputFil
     """Download one URL into `dest` (or reuse the copy a finished earlier run left there)."""
     where = f"tuning.input.urls[{index}]"
     url, expected = _split_sha256(url, where)
-    stem = f"{index:03d}-{Path(unquote(urlsplit(url).path)).name or 'data'}"
+    stem = f"{index:03d}-{_local_name(Path(unquote(urlsplit(url).path)).name)}"
     record = dest / f".{stem}.fetch.json"
     url_id = hashlib.sha256(url.encode()).hexdigest()
     done = _read_record(record)
@@ -136,9 +177,12 @@ def _transfer(url: str, partial: Path, record: Path, url_id: str, where: str,
     validator: str | None = state.get("validator") if resumable else None
     offset = partial.stat().st_size if resumable else 0
     digest = _sha256_of(partial) if offset else hashlib.sha256()
-    limit = _max_bytes()
+    limits = DownloadLimits.from_env()
+    limit = limits.max_bytes
     session = _session()
-    cuts = 0
+    clock = _Clock(limits, url, where)
+    cuts = stuck = received = 0  # stuck: cuts in a row that brought no byte past `furthest`
+    furthest = offset
     while True:
         headers = {"Accept-Encoding": "identity"}  # Range offsets count the bytes as stored
         if offset:
@@ -147,7 +191,8 @@ def _transfer(url: str, partial: Path, record: Path, url_id: str, where: str,
                 headers["If-Range"] = validator
         receiving = False
         try:
-            with _get(session, url, headers, where, allow_private) as response:
+            clock.check(received)
+            with _get(session, url, headers, where, allow_private, clock.read_timeout()) as response:
                 if response.status_code == 416 and offset:  # e.g. a run killed before renaming the .part
                     partial.unlink()
                     offset, validator = 0, None
@@ -171,25 +216,87 @@ def _transfer(url: str, partial: Path, record: Path, url_id: str, where: str,
                             raise _limit_error(url, limit, where)
                         out.write(chunk)
                         digest.update(chunk)
+                        received += len(chunk)
+                        clock.check(received)
             return digest.hexdigest(), offset
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             # Before the body, urllib3's Retry has already retried; a cut body resumes from `offset`.
+            # A wait for the response that timed out is retried here (not by urllib3), against the deadline.
+            timed_out = not receiving and _timed_out(exc)
             cuts += 1
-            if not receiving or cuts > _RESUMES:
+            stuck = 0 if offset > furthest or timed_out else stuck + 1
+            furthest = max(furthest, offset)
+            if stuck >= _STUCK_CUTS:  # a body shorter than its Content-Length: asking again will not help
+                raise UserError(f"{_redact(url)} stops sending at byte {offset:,} every time ({stuck + 1} tries; its "
+                                "Content-Length promised more)", where=where,
+                                fix="fix the server, or download the file another way") from None
+            if (not receiving and not timed_out) or cuts > _RESUMES:
                 raise UserError(f"cannot download {_redact(url)}: {type(exc).__name__}"
-                                + (f" after {cuts} cut(s)" if receiving else ""), where=where,
+                                + (f" after {cuts} cut(s)" if receiving else " (no answer)" if timed_out else ""),
+                                where=where,
                                 fix="check the URL and the network; a re-run resumes the download") from None
-            events.info(f"fetch: {_redact(url)} cut after {offset:,} bytes ({type(exc).__name__}); resuming")
-            time.sleep(_BACKOFF * 2 ** min(cuts - 1, 6))
+            events.info(f"fetch: {_redact(url)} " + (f"cut after {offset:,} bytes ({type(exc).__name__}); resuming"
+                                                     if receiving else "did not answer in time; retrying"))
+            time.sleep(min(_BACKOFF * 2 ** min(cuts - 1, 6), clock.remaining()))
 
 
-def _get(session, url: str, headers: dict[str, str], where: str, allow_private: bool):
+def _timed_out(exc: Exception) -> bool:
+    """A wait for the response that ran out (requests reports a read timeout before the response,
+    with urllib3's retries off, as a ConnectionError wrapping urllib3's ReadTimeoutError)."""
+    import requests
+    import urllib3
+
+    if isinstance(exc, requests.Timeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, urllib3.exceptions.ReadTimeoutError)
+
+
+class _Clock:
+    """A download's deadline and minimum rate: `check(bytes held)` raises once either is broken."""
+
+    def __init__(self, limits: DownloadLimits, url: str, where: str):
+        self.limits, self.url, self.where = limits, url, where
+        self.started = self.window_start = time.monotonic()
+        self.window_bytes: int | None = None
+
+    def remaining(self) -> float:
+        return max(0.0, self.started + self.limits.deadline_seconds - time.monotonic())
+
+    def read_timeout(self) -> tuple[float, float]:
+        """(connect, read) timeouts for the next request, never past the deadline."""
+        left = max(self.remaining(), 0.1)
+        return min(_CONNECT_TIMEOUT, left), min(self.limits.read_timeout_seconds, left)
+
+    def check(self, held: int) -> None:
+        now = time.monotonic()
+        if self.remaining() <= 0:
+            raise UserError(f"downloading {_redact(self.url)} took more than {self.limits.deadline_seconds:g}s "
+                            f"({held:,} bytes so far)", where=self.where,
+                            fix="check the server, or raise TUNER_DOWNLOAD_DEADLINE_SECONDS for a huge file")
+        if self.window_bytes is None:
+            self.window_bytes = held
+        elapsed = now - self.window_start
+        if elapsed >= self.limits.rate_window_seconds:
+            rate = (held - self.window_bytes) / elapsed
+            if rate < self.limits.min_bytes_per_second and held == 0:
+                raise UserError(f"{_redact(self.url)} sent no byte in {elapsed:.0f}s", where=self.where,
+                                fix="check that the server answers, or lower TUNER_DOWNLOAD_MIN_BYTES_PER_SECOND")
+            if rate < self.limits.min_bytes_per_second:
+                raise UserError(f"{_redact(self.url)} sends {rate:,.0f} bytes/s, less than "
+                                f"{self.limits.min_bytes_per_second:,.0f} over {elapsed:.0f}s", where=self.where,
+                                fix="check the server, or lower TUNER_DOWNLOAD_MIN_BYTES_PER_SECOND")
+            self.window_start, self.window_bytes = now, held
+
+
+def _get(session, url: str, headers: dict[str, str], where: str, allow_private: bool,
+         timeout: tuple[float, float]):
     """GET `url`, following redirects here so each hop is address-checked and host headers stay
     with their host."""
     current = url
     for _ in range(_REDIRECTS + 1):
         response = session.get(current, headers={**_host_headers(current), **headers}, stream=True,
-                               timeout=_TIMEOUT, allow_redirects=False)
+                               timeout=timeout, allow_redirects=False)
         if not response.is_redirect:
             return response
         location = urljoin(current, response.headers["Location"])
@@ -254,15 +361,6 @@ def _limit_error(url: str, limit: int, where: str) -> UserError:
                      fix="raise TUNER_MAX_DOWNLOAD_BYTES, or check the URL")
 
 
-def _max_bytes() -> int:
-    value = os.environ.get("TUNER_MAX_DOWNLOAD_BYTES", "").strip()
-    if not value:
-        return _MAX_BYTES
-    if not value.isdigit():
-        raise UserError(f"TUNER_MAX_DOWNLOAD_BYTES={value!r} is not a byte count", fix="set a whole number of bytes")
-    return int(value)
-
-
 def _split_sha256(url: str, where: str) -> tuple[str, str | None]:
     """The URL without its fragment (never sent), and the sha256 a `#sha256=HEX` fragment names."""
     url, fragment = urldefrag(url)
@@ -318,6 +416,16 @@ def _write_record(record: Path, content: dict) -> None:
     partial.replace(record)
 
 
+def _local_name(name: str) -> str:
+    """A URL's file name as a safe local one: no NUL, slash or control characters, and short enough for
+    any file system (the dataset suffixes kept, since they decide how the file is read)."""
+    name = re.sub(r"[\x00-\x1f\x7f/\\]", "_", name).strip(". ") or "data"
+    if len(name) <= _NAME_LIMIT:
+        return name
+    suffix = next((s + c for s in SUPPORTED_SUFFIXES for c in ("", *COMPRESSIONS) if name.lower().endswith(s + c)), "")
+    return name[:_NAME_LIMIT - len(suffix)] + name[len(name) - len(suffix):]
+
+
 def _discard(partial: Path, record: Path) -> None:
     partial.unlink(missing_ok=True)
     record.unlink(missing_ok=True)
@@ -357,7 +465,8 @@ def _session():
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
-    retry = Retry(total=_RETRIES, backoff_factor=_BACKOFF, status_forcelist=(429, 500, 502, 503, 504),
+    # read=0: a response that does not come in time is retried by _transfer, which keeps the deadline
+    retry = Retry(total=_RETRIES, read=0, backoff_factor=_BACKOFF, status_forcelist=(429, 500, 502, 503, 504),
                   allowed_methods=frozenset({"GET"}), raise_on_status=False)
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=retry))

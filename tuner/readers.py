@@ -6,8 +6,16 @@ CSV (every cell read as text) and Arrow IPC (file or stream format, e.g. the sha
 files need random access, so they are first decompressed to a temporary file. Only `.json` files
 are loaded whole; everything else streams a chunk at a time.
 
-A row that cannot be decoded (a JSON line that is not valid UTF-8 or not valid JSON) becomes a
-bad row of its chunk; a file that cannot be read at all (truncated, corrupt) raises `UserError`.
+A row that cannot be decoded (a JSON line that is not valid UTF-8 or not valid JSON, nested too
+deeply, longer than `max_row_bytes`, or an Arrow value Python cannot hold such as a timestamp out
+of range) becomes a bad row of its chunk; a file that cannot be read at all (truncated, corrupt)
+raises `UserError`.
+
+Hostile files end in one error line, in bounded memory: decompression stops at
+`TUNER_MAX_DECOMPRESSED_BYTES` (default 64 GiB) and at a ratio no real dataset reaches
+(MAX_RATIO; measured here: gzip -6 packs JSON lines of chat text 3-5x, zstd -19 up to 8x, an
+all-zero bomb over 1000x); a JSON line is read at most `max_row_bytes` at a time, and a `.json`
+document (parsed whole) may be at most MAX_JSON_DOCUMENT_BYTES.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import codecs
 import gzip
 import io
 import json
+import os
 import shutil
 import tempfile
 import zlib
@@ -40,6 +49,15 @@ KINDS = f"{', '.join(SUPPORTED_SUFFIXES)} (each optionally compressed as {' or '
 INVALID_UTF8 = "invalid UTF-8"
 INVALID_JSON = "invalid JSON"
 NOT_AN_OBJECT = "not a JSON object"
+TOO_DEEP = "JSON nested too deeply"
+TOO_LARGE = "row too large"
+UNREADABLE_VALUE = "value Python cannot represent"
+
+MAX_DECOMPRESSED_BYTES = 64 << 30  # per file, unless TUNER_MAX_DECOMPRESSED_BYTES says otherwise
+MAX_RATIO = 100  # decompressed / compressed bytes, checked once RATIO_AFTER bytes came out
+RATIO_AFTER = 64 << 20
+MAX_JSON_DOCUMENT_BYTES = 1 << 30  # a .json file is parsed whole: larger ones belong in JSON lines
+DEFAULT_MAX_ROW_BYTES = 64 << 20
 
 # Metadata that Hugging Face `save_to_disk` writes beside its .arrow shards: not rows.
 _HF_METADATA = frozenset({"dataset_info.json", "state.json", "dataset_dict.json"})
@@ -120,17 +138,57 @@ def _corrupt_is_user_error(path: Path, suffix: str) -> Iterator[None]:
 
 @contextmanager
 def _open(path: Path, compression: str) -> Iterator[IO[bytes]]:
-    """The file's bytes, decompressed as they are read."""
+    """The file's bytes, decompressed as they are read (within the decompression limits)."""
     with open(path, "rb") as raw:
         if compression == ".gz":
-            with gzip.GzipFile(fileobj=raw) as stream:
+            # gzip's own read buffer size (128 KiB): a bigger one shows up in the flat-memory test
+            with gzip.GzipFile(fileobj=raw) as inflating, \
+                    io.BufferedReader(_Bounded(inflating, raw, path), 1 << 17) as stream:
                 yield stream
         elif compression == ".zst":
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with io.BufferedReader(reader, 1 << 20) as stream:  # type: ignore[arg-type]
+            with io.BufferedReader(_Bounded(reader, raw, path), 1 << 20) as stream:  # type: ignore[arg-type]
                 yield stream
         else:
             yield raw
+
+
+def max_decompressed_bytes() -> int:
+    value = os.environ.get("TUNER_MAX_DECOMPRESSED_BYTES", "").strip()
+    if not value:
+        return MAX_DECOMPRESSED_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"TUNER_MAX_DECOMPRESSED_BYTES must be a positive number of bytes, not {value[:40]!r}",
+                        where="TUNER_MAX_DECOMPRESSED_BYTES")
+    return int(value)
+
+
+class _Bounded(io.RawIOBase):
+    """A decompressing stream that refuses to give more than the limit, or more than MAX_RATIO times
+    the compressed bytes read so far: a decompression bomb ends as one error naming the file, after
+    at most RATIO_AFTER bytes."""
+
+    def __init__(self, stream: Any, raw: IO[bytes], path: Path):
+        self.stream, self.raw, self.path = stream, raw, path
+        self.limit = max_decompressed_bytes()
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self.stream.readinto(buffer)  # into the caller's buffer: no copy of a megabyte per read
+        self.total += count
+        if self.total > self.limit:
+            raise UserError(f"decompresses to more than {self.limit:,} bytes", where=str(self.path),
+                            fix="raise TUNER_MAX_DECOMPRESSED_BYTES if the file is genuine, or check it")
+        compressed = max(self.raw.tell(), 1)
+        if self.total > RATIO_AFTER and self.total > MAX_RATIO * compressed:
+            raise UserError(f"decompresses more than {MAX_RATIO}x ({compressed:,} bytes give over "
+                            f"{self.total:,}): no dataset compresses that well, this is a decompression bomb",
+                            where=str(self.path), fix="use the real dataset file")
+        return count
+
 
 
 @contextmanager
@@ -148,11 +206,28 @@ def _seekable(path: Path, compression: str) -> Iterator[Any]:
 def _arrow_rows(batches: Iterable[pa.RecordBatch], chunk_rows: int) -> Iterator[_Item]:
     for batch in batches:
         for start in range(0, batch.num_rows, chunk_rows):  # no more than a chunk as Python objects
-            for row in batch.slice(start, chunk_rows).to_pylist():
+            part = batch.slice(start, chunk_rows)
+            try:
+                rows = part.to_pylist()
+            except (ValueError, OverflowError, pa.ArrowException):  # e.g. a timestamp past year 9999
+                yield from _rows_one_by_one(part)
+                continue
+            for row in rows:
                 yield row, None, None
 
 
-def _parquet(path: Path, compression: str, chunk_rows: int) -> Iterator[_Item]:
+def _rows_one_by_one(batch: pa.RecordBatch) -> Iterator[_Item]:
+    """A batch with values Python cannot hold: each row alone, the failing ones as bad rows."""
+    for index in range(batch.num_rows):
+        try:
+            [row] = batch.slice(index, 1).to_pylist()
+        except (ValueError, OverflowError, pa.ArrowException):
+            yield None, UNREADABLE_VALUE, None
+            continue
+        yield row, None, None
+
+
+def _parquet(path: Path, compression: str, chunk_rows: int, max_row_bytes: int) -> Iterator[_Item]:
     with _seekable(path, compression) as source:
         # pre_buffer off: read one row group at a time (on, pyarrow buffers the whole file's columns).
         batches = pq.ParquetFile(source, pre_buffer=False).iter_batches(batch_size=chunk_rows, use_threads=False)
@@ -173,7 +248,7 @@ def _ipc_batches(path: Path, compression: str) -> Iterator[tuple[pa.Schema, Iter
             yield reader.schema, batches
 
 
-def _arrow(path: Path, compression: str, chunk_rows: int) -> Iterator[_Item]:
+def _arrow(path: Path, compression: str, chunk_rows: int, max_row_bytes: int) -> Iterator[_Item]:
     with _ipc_batches(path, compression) as (_, batches):
         yield from _arrow_rows(batches, chunk_rows)
 
@@ -183,7 +258,7 @@ def _csv_reader(stream: IO[bytes], names: list[str] | None = None) -> pa_csv.CSV
     return pa_csv.open_csv(stream, read_options=_CSV_READ, parse_options=_CSV_PARSE, convert_options=convert)
 
 
-def _csv(path: Path, compression: str, chunk_rows: int) -> Iterator[_Item]:
+def _csv(path: Path, compression: str, chunk_rows: int, max_row_bytes: int) -> Iterator[_Item]:
     """CSV rows with every cell as text (bytes decoded here, so bad UTF-8 spoils one row, not the file)."""
     with _open(path, compression) as stream:
         names = _csv_reader(stream).schema.names
@@ -195,8 +270,16 @@ def _csv(path: Path, compression: str, chunk_rows: int) -> Iterator[_Item]:
                 yield None, INVALID_UTF8, None
 
 
-def _json_lines(stream: Iterable[bytes]) -> Iterator[_Item]:
-    for number, line in enumerate(stream, 1):
+def _json_lines(stream: IO[bytes], max_row_bytes: int) -> Iterator[_Item]:
+    """JSON lines, each read at most `max_row_bytes` at a time: a longer line is skipped unread."""
+    number = 0
+    while line := stream.readline(max_row_bytes + 1):
+        number += 1
+        if len(line) > max_row_bytes and not line.endswith(b"\n"):
+            while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None, TOO_LARGE, number
+            continue
         if not line.strip():
             continue
         try:
@@ -206,36 +289,47 @@ def _json_lines(stream: Iterable[bytes]) -> Iterator[_Item]:
             continue
         try:
             row = json.loads(text)
+        except RecursionError:
+            yield None, TOO_DEEP, number
+            continue
         except ValueError:
             yield None, INVALID_JSON, number
             continue
         yield (row, None, number) if isinstance(row, dict) else (None, NOT_AN_OBJECT, number)
 
 
-def _jsonl(path: Path, compression: str, chunk_rows: int) -> Iterator[_Item]:
+def _jsonl(path: Path, compression: str, chunk_rows: int, max_row_bytes: int) -> Iterator[_Item]:
     with _open(path, compression) as stream:
-        yield from _json_lines(stream)
+        yield from _json_lines(stream, max_row_bytes)
 
 
 def _first_line_is_object(data: bytes) -> bool:
     line = next((line for line in io.BytesIO(data) if line.strip()), b"")
     try:
         return isinstance(json.loads(line), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
-def _json(path: Path, compression: str, chunk_rows: int) -> Iterator[_Item]:
+def _json(path: Path, compression: str, chunk_rows: int, max_row_bytes: int) -> Iterator[_Item]:
     """A JSON array of objects, an object of equally long column lists, one object, or JSON lines."""
-    with _open(path, compression) as stream:
-        data = stream.read()
+    data = bytearray()
+    with _open(path, compression) as stream:  # a megabyte at a time: read(limit) would allocate it at once
+        while (piece := stream.read(1 << 20)) and len(data) <= MAX_JSON_DOCUMENT_BYTES:
+            data += piece
+    if len(data) > MAX_JSON_DOCUMENT_BYTES:
+        raise UserError(f"the JSON document is larger than {MAX_JSON_DOCUMENT_BYTES:,} bytes, and a .json file "
+                        "is parsed whole", where=str(path), fix="write it as JSON lines (.jsonl): one row per line")
     try:
         doc = json.loads(data)
+    except RecursionError:
+        raise UserError("the JSON is nested too deeply to parse", where=str(path),
+                        fix="a dataset row nests a few levels; check the file") from None
     except ValueError as e:
         if _first_line_is_object(data):  # several JSON documents: JSON lines
-            yield from _json_lines(io.BytesIO(data))
+            yield from _json_lines(io.BytesIO(data), max_row_bytes)
             return
-        raise UserError(f"invalid JSON ({e})", where=str(path)) from None
+        raise UserError(f"invalid JSON ({str(e)[:160]})", where=str(path)) from None
     if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
         if len({len(v) for v in doc.values()}) > 1:
             raise UserError("the JSON object's column lists differ in length", where=str(path))
@@ -247,8 +341,12 @@ def _json(path: Path, compression: str, chunk_rows: int) -> Iterator[_Item]:
 _READERS = {".parquet": _parquet, ".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".arrow": _arrow}
 
 
-def iter_chunks(path: Path, chunk_rows: int = 2048) -> Iterator[RowChunk]:
-    """The file's rows in chunks of `chunk_rows` (the last one shorter), streamed from disk."""
+def iter_chunks(path: Path, chunk_rows: int = 2048, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[RowChunk]:
+    """The file's rows in chunks of `chunk_rows` (the last one shorter), streamed from disk.
+
+    A JSON line over `max_row_bytes` is a bad row, never read whole (other kinds' rows are checked
+    for size after reading, by the caller).
+    """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     path = Path(path)
@@ -258,7 +356,7 @@ def iter_chunks(path: Path, chunk_rows: int = 2048) -> Iterator[RowChunk]:
     lines: list[int | None] = []
     first = 1
     with _corrupt_is_user_error(path, suffix):
-        for row, reason, line in _READERS[suffix](path, compression, chunk_rows):
+        for row, reason, line in _READERS[suffix](path, compression, chunk_rows, max_row_bytes):
             if reason:
                 bad[first + len(rows)] = reason
             rows.append(row)

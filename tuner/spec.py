@@ -191,7 +191,11 @@ class Workspace(_Strict):
 
 
 def check_url(url: str, allow_private: bool, where: str) -> None:
-    """Refuse URLs that are not http(s) or that point inside the cluster or at metadata services."""
+    """Refuse URLs that are not http(s), hold control characters, or point inside the cluster or at
+    metadata services."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise UserError(f"{url[:80]!r} holds a control character (a NUL byte, a newline)", where=where,
+                        fix="percent-encode it (%00, %0A) or remove it")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"{url!r} is not an http(s) URL", where=where, fix="use an http:// or https:// URL")
