@@ -74,24 +74,34 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
+def serving_with(handler) -> Iterator[str]:
+    """A real threaded HTTP server on 127.0.0.1 answering with `handler` for the block; yields
+    HOST:PORT. Its threads are daemons, so a handler that never returns cannot hold the test."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def serving(root: Path) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 serving `root` for the block; yields its base URL."""
     import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import SimpleHTTPRequestHandler
 
     class QuietHandler(SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_with(functools.partial(QuietHandler, directory=str(root))) as host:
+        yield f"http://{host}"
 
 
 @pytest.fixture()

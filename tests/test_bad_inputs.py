@@ -6,7 +6,8 @@ A case file holds `expect` (text the error line must contain) and what to vary f
 `patch` (top-level Workspace keys), `tuning` (tuning keys), `workspace_text` (a raw Workspace),
 `config` (training_config sections) or `config_text` (a raw config file), `files` (served over
 HTTP at `{base}/NAME`: text, `{latin1: text}`, `{truncated_parquet: true}` or `{parquet_rows: N}`), `allow_private`
-(default true, for the loopback server) and `no_config` (run without `--config`).
+(default true, for the loopback server), `no_config` (run without `--config`) and `run_only` (a problem
+only the run itself can find: a local folder, a download; render is not expected to refuse it).
 """
 
 from __future__ import annotations
@@ -137,3 +138,21 @@ def test_hostile_yaml_ends_in_one_line_in_bounded_time_and_memory(name, command,
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
     assert len(lines[0]) < 400  # a 100 MB value is never echoed
     assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+WORKSPACE_CASES = [p for p in CASES if not ({"files", "config", "config_text", "no_config", "run_only"}
+                                             & set(yaml.safe_load(p.read_text())))]
+
+
+@pytest.mark.parametrize("path", WORKSPACE_CASES, ids=[p.stem for p in WORKSPACE_CASES])
+def test_render_refuses_every_bad_workspace_as_validate_does(path, tmp_path, tiny_model_dir, capsys):
+    """What the API server would refuse never reaches a manifest: `tuner render` ends in the same one line."""
+    case = yaml.safe_load(path.read_text())
+    served = tmp_path / "served"
+    served.mkdir()
+    argv = _write_case(case, tmp_path, "https://datasets.example.com", served, tiny_model_dir)
+    code = cli.main(["render", argv[1]])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2 and len(lines) == 1 and case["expect"] in lines[0], captured.err
+    assert captured.out == ""

@@ -126,3 +126,39 @@ def test_stanford_alpaca_with_its_text_column_is_read_as_alpaca(tmp_path, capsys
                   if line.startswith("tokens: "))
     total, with_loss = (int(group.replace(",", "")) for group in tokens.groups())
     assert 0 < with_loss < total  # the loss is on the answers only, as alpaca wants, not on every token of text
+
+
+def test_check_data_refuses_a_max_length_no_row_can_use(tmp_path, capsys, smollm2_dir):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    _, error = check_data_error(capsys, str(tmp_path / "a.jsonl"), "--max-length", "-1")
+    assert error == "error: --max-length: -1 is out of range: it must be >= 16 and <= 1,048,576; change it, " \
+                    "or remove the key for tuner's default"
+
+
+def test_scratch_folders_of_killed_runs_are_swept_and_sigterm_cleans_up(tmp_path, tiny_model_dir):
+    """A SIGKILLed check-data leaves its folder behind: the next run deletes it; SIGTERM leaves none."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch), "HF_HUB_OFFLINE": "1"}
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "p", "completion": "c"}\n' * 200_000)  # long enough to be stopped mid-way
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "check-data", str(rows), "--tokenizer",
+                                 str(tiny_model_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob(f"tuner-check-{proc.pid}-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(scratch.glob(f"tuner-check-{proc.pid}-*")), "the run never made its scratch folder"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        left = list(scratch.glob("tuner-check-*"))
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL and left  # nothing could clean up
+        else:
+            assert proc.returncode == 143 and left == [], proc.stderr.read()  # the killed run's folder swept too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -256,7 +257,17 @@ def _terminated(outcome: dict) -> None:
         termination.write(outcome)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the command as an exit, so its scratch folders are removed on the way out."""
+    def stop(signum, frame) -> None:
+        raise SystemExit(EXIT_PREEMPTED)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("check-data", "pull"):
+        _stop_on_sigterm()
     if args.command == "presets":
         from tuner.presets import all_presets
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from tuner.errors import UserError
+from tuner.errors import UserError, quote
 
 _FORMATS = Literal["messages", "prompt-completion", "dolly", "alpaca", "sharegpt", "text"]  # tuner.formats.FORMATS
 _DTYPE = Literal["bfloat16", "float16", "float32", "auto"]
@@ -72,7 +72,6 @@ _RANGES: dict[str, dict[str, tuple[float | None, float | None, bool]]] = {
     "DataCollator": {"pad_to_multiple_of": (1, None, False), "mlm_probability": (0, 1, False)},
     "TokenizerParams": {"max_length": (16, 1 << 20, False)},
 }
-_SHOWN = 60  # characters of a bad value quoted in an error line
 
 
 def check_values(sections: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[UserError]]:
@@ -80,19 +79,23 @@ def check_values(sections: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[st
     checked: dict[str, dict[str, Any]] = {}
     errors: list[UserError] = []
     for section, values in sections.items():
-        types = section_types(section)
         checked[section] = {}
         for key, value in values.items():
-            where = f"training_config.{section}.{key}"
-            annotation = types.get(key)
             try:
-                value = _typed(value, annotation, where) if annotation is not None else value
-                _in_range(value, _RANGES.get(section, {}).get(key), where)
-                _special(section, key, value, where)
+                value = check_value(section, key, value, f"training_config.{section}.{key}")
             except UserError as exc:
                 errors.append(exc)
             checked[section][key] = value
     return checked, errors
+
+
+def check_value(section: str, key: str, value: Any, where: str) -> Any:
+    """One value's type, range and special rules; the value (a number-string as its number), or UserError."""
+    annotation = section_types(section).get(key)
+    value = _typed(value, annotation, where) if annotation is not None else value
+    _in_range(value, _RANGES.get(section, {}).get(key), where)
+    _special(section, key, value, where)
+    return value
 
 
 def section_types(section: str) -> dict[str, Any]:
@@ -215,14 +218,3 @@ def describe(annotation: Any) -> str:
     if annotation in names:
         return names[annotation]
     return f"a {getattr(annotation, '__name__', str(annotation))}"
-
-
-def quote(value: Any) -> str:
-    """A value as an error line shows it: repr, cut to a short prefix (a bad value can be 100 MB)."""
-    if isinstance(value, (str, bytes)) and len(value) > _SHOWN:
-        return f"{repr(value[:_SHOWN])}... ({len(value):,} {'characters' if isinstance(value, str) else 'bytes'})"
-    if isinstance(value, (list, dict)) and len(value) > 8:  # repr the head only: a value can be huge
-        head = value[:8] if isinstance(value, list) else dict(list(value.items())[:8])
-        return f"{repr(head)[:_SHOWN]}... ({len(value):,} items)"
-    text = repr(value)
-    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}..."

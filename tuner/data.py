@@ -16,7 +16,7 @@ import numpy as np
 
 from tuner import formats, readers
 from tuner.encode import LONG_ROW_POLICIES, TOO_LONG, Encoder
-from tuner.errors import UserError
+from tuner.errors import UserError, quote
 from tuner.store import ExampleStore, StoreWriter
 
 BAD_ROW_POLICIES = ("drop", "error")
@@ -144,10 +144,10 @@ def prepare(files: list[Path], tokenizer, *, max_length: int, out_dir: Path,
     `train_test_split` is the fraction that trains (Kaito: 1 = everything trains).
     """
     if bad_rows not in BAD_ROW_POLICIES:
-        raise UserError(f"{bad_rows!r} is not a bad-row policy", where="training_config.DatasetConfig.bad_rows",
+        raise UserError(f"{quote(bad_rows)} is not a bad-row policy", where="training_config.DatasetConfig.bad_rows",
                         fix=f"use one of {', '.join(BAD_ROW_POLICIES)}")
     if long_rows not in LONG_ROW_POLICIES:
-        raise UserError(f"{long_rows!r} is not a length policy", where="training_config.DatasetConfig.long_rows",
+        raise UserError(f"{quote(long_rows)} is not a length policy", where="training_config.DatasetConfig.long_rows",
                         fix=f"use one of {', '.join(LONG_ROW_POLICIES)}")
     paths = readers.dataset_files([Path(f) for f in files])
     detected = _detect_formats(paths, mapping)

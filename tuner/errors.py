@@ -5,6 +5,9 @@ prints it as one line `error: ...` and exits with `EXIT_USER_ERROR`. Any other e
 internal fault and exits with `EXIT_INTERNAL`.
 """
 
+import reprlib
+from typing import Any
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USER_ERROR = 2
@@ -42,3 +45,18 @@ class Preempted(SystemExit):
         self.step = step
         self.total_steps = total_steps
         self.checkpoint = checkpoint
+
+
+# A bad value as an error line shows it: repr cut short at every level (a value can be 100 MB,
+# and the line goes into a termination message of at most 4 KiB).
+_SHORT = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments (3.12 does)
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+_SHORT.maxlevel = 3
+
+
+def quote(value: Any) -> str:
+    """`repr(value)`, with long strings, lists and deep nesting elided (`'aaa...aaa'`, `[1, 2, ...]`)."""
+    if isinstance(value, str) and len(value) > 60:
+        return f"{_SHORT.repr(value)} ({len(value):,} characters)"
+    return _SHORT.repr(value)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.errors import UserError
+from tuner.errors import UserError, quote
 from tuner.image_ref import TAG, ImageRef, InvalidReference, parse_docker_ref
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -97,10 +97,10 @@ def parse_output_ref(ref: str) -> OciLayoutTarget | RegistryTarget:
         if not sep:
             tag = "latest"
         if not path:
-            raise UserError(f"output reference {ref!r} has no directory", fix="write it as oci:DIR[:TAG]")
+            raise UserError(f"output reference {quote(ref)} has no directory", fix="write it as oci:DIR[:TAG]")
         if not _TAG_RE.fullmatch(tag):
             raise UserError(
-                f"output reference {ref!r} has an invalid tag {tag!r}",
+                f"output reference {quote(ref)} has an invalid tag {quote(tag)}",
                 fix="a tag is 1-128 characters of letters, digits, '_', '.', '-', not starting with '.' or '-'",
             )
         return OciLayoutTarget(Path(path), tag)
@@ -108,7 +108,7 @@ def parse_output_ref(ref: str) -> OciLayoutTarget | RegistryTarget:
         parsed = parse_docker_ref(ref)
     except InvalidReference as exc:
         raise UserError(
-            f"{ref!r} is not a valid image reference ({exc})",
+            f"{quote(ref)} is not a valid image reference ({exc})",
             fix="write it as [REGISTRY/]REPOSITORY[:TAG][@DIGEST] with a lowercase repository "
             "(e.g. myacr.azurecr.io/adapters/phi3:0.0.1), or oci:DIR[:TAG] for a local OCI layout",
         ) from None

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from tuner.errors import UserError
+from tuner.errors import UserError, quote
 
 
 class _Strict(BaseModel):
@@ -92,7 +92,7 @@ def get_preset(name: str) -> Preset:
     presets = all_presets()
     if name not in presets:
         raise UserError(
-            f"unknown preset {name!r}",
+            f"unknown preset {quote(name)}",
             where="tuning.preset.name",
             fix=f"use one of: {', '.join(sorted(presets))}",
         )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,9 +32,10 @@ import oras.provider
 import requests
 import tenacity
 
-from tuner import events
+from tuner import descriptors, events
+from tuner.scratch import scratch_dir
 from tuner.credentials import Credentials, docker_config_file, load_credentials
-from tuner.errors import UserError
+from tuner.errors import UserError, quote
 from tuner.oci import (
     INDEX_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
@@ -228,7 +228,7 @@ def _container(reference: str) -> oras.container.Container:
 
     target = parse_output_ref(reference)
     if not isinstance(target, RegistryTarget):
-        raise UserError(f"{reference!r} is not a registry image reference",
+        raise UserError(f"{quote(reference)} is not a registry image reference",
                         fix="write it as [REGISTRY/]REPOSITORY[:TAG][@DIGEST]")
     container = oras.container.Container(target.reference)
     container.registry = target.parsed.api_host
@@ -316,15 +316,18 @@ def pull_image(reference: str, dest: Path, options: RegistryOptions, platform: t
     container = _container(reference)
     client = RegistryClient(container.registry, options)
     deadline = time.monotonic() + options.retry_seconds
+    where = f"registry {container.registry}, {reference}"
     digest, manifest = _fetch_manifest(client, container, container.digest or container.tag, deadline)
     if manifest.get("mediaType") in _INDEX_TYPES or "manifests" in manifest:
-        chosen = _choose_platform(manifest, platform, reference)
+        chosen = _choose_platform(descriptors.index(manifest, where), platform, reference)
         digest, manifest = _fetch_manifest(client, container, chosen, deadline)
     if manifest.get("mediaType", MANIFEST_MEDIA_TYPE) not in _MANIFEST_TYPES or not manifest.get("layers"):
-        raise UserError(f"{reference} is not a container image (manifest media type {manifest.get('mediaType')!r})",
+        raise UserError(f"{reference} is not a container image (manifest media type "
+                        f"{quote(manifest.get('mediaType'))})",
                         fix="pull an image whose filesystem holds /data/adapter_config.json")
+    descriptors.manifest(manifest, where)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tuner-pull-", dir=dest.parent) as scratch:
+    with scratch_dir(".tuner-pull-", dest.parent) as scratch:
         blobs = Path(scratch, "blobs")
         blobs.mkdir()
         config = json.loads(_download_blob(client, container, manifest["config"], blobs, deadline).read_bytes())
@@ -352,25 +355,43 @@ def _fetch_manifest(client: RegistryClient, container: oras.container.Container,
     url = f"{client.prefix}://{container.manifest_url(ref)}"
     accept = ", ".join((MANIFEST_MEDIA_TYPE, INDEX_MEDIA_TYPE, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 
-    def get() -> requests.Response:
-        response = client.do_request(url, "GET", headers={"Accept": accept})
+    def get() -> tuple[requests.Response, bytes]:
+        response = client.do_request(url, "GET", headers={"Accept": accept}, stream=True)
         if response.status_code == 404:
             raise UserError(f"{container.registry}/{container.api_prefix}:{ref} does not exist in the registry",
                             fix="check the repository, tag and digest")
-        return _check_upload(response)
+        return response, _bounded_body(_check_upload(response), f"manifest {ref} from registry {container.registry}")
 
-    response = client.retrying(deadline, f"fetching manifest {ref}", get)
-    body = response.content
-    if len(body) > _MAX_MANIFEST_BYTES:
-        raise UserError(f"manifest {ref} is {len(body):,} bytes, over the {_MAX_MANIFEST_BYTES:,} byte limit")
+    response, body = client.retrying(deadline, f"fetching manifest {ref}", get)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     expected = ref if ref.startswith("sha256:") else response.headers.get("Docker-Content-Digest")
     if expected and expected != digest:
-        raise UserError(f"manifest {ref} does not match its digest: got {digest}, expected {expected}")
+        raise UserError(f"manifest {ref} does not match its digest: got {digest}, expected {quote(expected)}")
     try:
-        return digest, json.loads(body)
-    except ValueError:
-        raise UserError(f"manifest {ref} is not JSON") from None
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise UserError(f"manifest {ref} from registry {container.registry} is not JSON") from None
+    if not isinstance(document, dict):
+        raise UserError(f"manifest {ref} is {type(document).__name__} {quote(document)}, not a JSON object",
+                        where=f"registry {container.registry}",
+                        fix="the registry serves something that is not an OCI/Docker image; check the reference")
+    return digest, document
+
+
+def _bounded_body(response: requests.Response, what: str) -> bytes:
+    """The body, read no further than _MAX_MANIFEST_BYTES: an endless manifest is refused, not held."""
+    with response:
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > _MAX_MANIFEST_BYTES:
+            raise UserError(f"{what} is {int(length):,} bytes, over the {_MAX_MANIFEST_BYTES:,} byte limit",
+                            fix="a manifest is kilobytes; check the registry and the reference")
+        body = bytearray()
+        for chunk in response.iter_content(chunk_size=1 << 16):
+            body += chunk
+            if len(body) > _MAX_MANIFEST_BYTES:
+                raise UserError(f"{what} is over the {_MAX_MANIFEST_BYTES:,} byte limit (read no further)",
+                                fix="a manifest is kilobytes; check the registry and the reference")
+        return bytes(body)
 
 
 def _choose_platform(index: dict, platform: tuple[str, str], reference: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuner import __version__, distributed, events, summary
-from tuner.errors import UserError
+from tuner.errors import UserError, quote
 from tuner.fetch import InputFile, fetch_inputs
 from tuner.presets import Preset, get_preset
 from tuner.report import EVENTS_FILE
@@ -71,7 +71,7 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
     tuning = workspace.tuning
     preset = get_preset(tuning.preset.name)
     if config_path is None and tuning.config:
-        raise UserError(f"tuning.config names the ConfigMap {tuning.config!r}, which a local run cannot read",
+        raise UserError(f"tuning.config names the ConfigMap {quote(tuning.config)}, which a local run cannot read",
                         where=str(workspace_path), fix="pass its manifest with --config CONFIGMAP.yaml")
     config = build_config(tuning.method, load_config_file(config_path) if config_path else None)
     notes = [n for n in image_notes(workspace) if not (output and n.startswith("tuning.output"))]
@@ -400,16 +400,18 @@ def _prepare_once(inputs: list[InputFile], tokenizer, plan: JobPlan, out_dir: Pa
 def check_data(files: list[Path], *, preset_name: str, tokenizer_dir: Path | None = None,
                config_path: Path | None = None, max_length: int | None = None) -> DataStats:
     """`tuner check-data`: prepare the files into a scratch folder and return what preparation did."""
-    import tempfile
-
     from tuner import models, train
+    from tuner.config_values import check_value
+    from tuner.scratch import scratch_dir
 
+    if max_length is not None:  # the same rule as TrainingArguments.max_length
+        check_value("TrainingArguments", "max_length", max_length, "--max-length")
     preset = get_preset(preset_name)
     config = build_config("lora", load_config_file(config_path) if config_path else None)
     tokenizer = train.load_tokenizer(tokenizer_dir or models.resolve_base_model(preset), config)
     length = max_length or effective_max_length(config, preset)
-    with tempfile.TemporaryDirectory(prefix="tuner-check-") as scratch:
-        return _prepare(files, tokenizer, config, length, Path(scratch)).stats
+    with scratch_dir("tuner-check-") as scratch:
+        return _prepare(files, tokenizer, config, length, scratch).stats
 
 
 def _prepare(files: list[Path], tokenizer, config: TrainingConfig, max_length: int, out_dir: Path):

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from tuner import k8s_names
-from tuner.errors import UserError, UserErrors
+from tuner.errors import UserError, UserErrors, quote
 from tuner.image_ref import InvalidReference, parse_docker_ref
 from tuner.yamlio import field_path, load_yaml_file
 
@@ -101,15 +101,42 @@ def _parsable(image: str, direction: str) -> str:
     try:
         parse_docker_ref(image)
     except InvalidReference as exc:
-        raise ValueError(f"unable to parse {direction} image reference {image!r}: {exc} (write it as "
+        raise ValueError(f"unable to parse {direction} image reference {quote(image)}: {exc} (write it as "
                          "[REGISTRY/]REPOSITORY[:TAG][@DIGEST] with a lowercase repository, e.g. "
                          "myregistry.azurecr.io/datasets/chat:v1)") from None
     return image
 
 
+# Kubernetes' volume sources (core/v1 Volume), with the fields each one cannot do without.
+_VOLUME_TYPES: dict[str, tuple[str, ...]] = {
+    "hostPath": ("path",), "persistentVolumeClaim": ("claimName",), "nfs": ("server", "path"),
+    "configMap": ("name",), "secret": ("secretName",), "emptyDir": (), "csi": ("driver",),
+    "azureFile": ("secretName", "shareName"), "azureDisk": ("diskName", "diskURI"), "ephemeral": (),
+    "awsElasticBlockStore": ("volumeID",), "gcePersistentDisk": ("pdName",), "cephfs": ("monitors",),
+    "cinder": ("volumeID",), "fc": (), "flexVolume": ("driver",), "glusterfs": ("endpoints", "path"),
+    "iscsi": ("targetPortal", "iqn", "lun"), "projected": (), "rbd": ("monitors", "image"), "image": (),
+    "downwardAPI": (), "portworxVolume": ("volumeID",), "quobyte": ("registry", "volume"),
+    "scaleIO": ("gateway", "system", "secretRef"), "storageos": (), "vsphereVolume": ("volumePath",),
+    "photonPersistentDisk": ("pdID",), "flocker": (), "gitRepo": ("repository",),
+}
+
+
 def _one_volume(value: dict[str, Any]) -> dict[str, Any]:
+    """One Kubernetes volume source, shaped as the API server takes it (it refuses the pod otherwise)."""
     if len(value) != 1:
         raise ValueError("a volumeSource holds exactly one volume type (e.g. hostPath, persistentVolumeClaim)")
+    kind, spec = next(iter(value.items()))
+    if kind not in _VOLUME_TYPES:
+        raise ValueError(f"{quote(kind)} is not a Kubernetes volume type (the API server refuses the pod); use one "
+                         "of hostPath, persistentVolumeClaim, nfs, csi, azureFile, ...")
+    if not isinstance(spec, dict):
+        fields = f" ({', '.join(_VOLUME_TYPES[kind])})" if _VOLUME_TYPES[kind] else ""
+        raise ValueError(f"{kind} must be a mapping of its fields{fields}, not {quote(spec)}")
+    missing = [f for f in _VOLUME_TYPES[kind] if spec.get(f) in (None, "")]
+    if missing:
+        raise ValueError(f"{kind} needs {', '.join(missing)} (the API server refuses the pod without it)")
+    if kind == "persistentVolumeClaim":
+        k8s_names.dns1123_subdomain(str(spec["claimName"]), "claimName")
     return value
 
 
@@ -194,23 +221,23 @@ def check_url(url: str, allow_private: bool, where: str) -> None:
     """Refuse URLs that are not http(s), hold control characters, or point inside the cluster or at
     metadata services."""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        raise UserError(f"{url[:80]!r} holds a control character (a NUL byte, a newline)", where=where,
+        raise UserError(f"{quote(url)} holds a control character (a NUL byte, a newline)", where=where,
                         fix="percent-encode it (%00, %0A) or remove it")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"{url!r} is not an http(s) URL", where=where, fix="use an http:// or https:// URL")
+        raise UserError(f"{quote(url)} is not an http(s) URL", where=where, fix="use an http:// or https:// URL")
     if allow_private:
         return
     host = parts.hostname.lower().rstrip(".")
     fix = "use a public URL, or pass --allow-private-urls for local use"
     if host == "localhost" or host.endswith(".localhost") or host in METADATA_HOSTS:
-        raise UserError(f"{url!r} points at {host}, which is not allowed", where=where, fix=fix)
+        raise UserError(f"{quote(url)} points at {host}, which is not allowed", where=where, fix=fix)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return
     if str(address) in METADATA_IPS or not address.is_global:
-        raise UserError(f"{url!r} points at a private, loopback or link-local address", where=where, fix=fix)
+        raise UserError(f"{quote(url)} points at a private, loopback or link-local address", where=where, fix=fix)
 
 
 def local_host_path(volume: dict[str, Any], base_dir: Path, where: str) -> Path:
@@ -265,10 +292,10 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{loc}: required field is missing; add it (see the Kaito Workspace examples)"
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
-        return f"{loc}: {error['input']!r} is not allowed; use {expected}"
+        return f"{loc}: {quote(error['input'])} is not allowed; use {expected}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":  # one of tuner's own rules: the message states it
         fix = "change the Workspace to follow that rule"
     else:  # a wrong type or range: pydantic's message says what is expected
-        fix = f"change the value ({error.get('input')!r} was given)"
+        fix = f"change the value ({quote(error.get('input'))} was given)"
     return f"{loc}: {message}; {fix}" if loc else f"{message}; {fix}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.config_values import check_values
-from tuner.errors import UserError, UserErrors
+from tuner.errors import UserError, UserErrors, quote
 from tuner.formats import ColumnMapping
 from tuner.yamlio import load_yaml_file, parse_yaml
 
@@ -149,7 +149,7 @@ def build_config(method: str, user: dict[str, Any] | None = None) -> TrainingCon
     user = user or {}
     errors: list[UserError] = []
     for name in (n for n in user if n not in _COMMON_DEFAULTS and n != "TokenizerParams"):
-        errors.append(UserError(f"unknown section {str(name)!r}", where=f"training_config.{name}",
+        errors.append(UserError(f"unknown section {quote(str(name))}", where=f"training_config.{name}",
                                 fix=f"use only {', '.join(_COMMON_DEFAULTS)}" + _suggest(str(name), _COMMON_DEFAULTS)))
     sections = copy.deepcopy(_COMMON_DEFAULTS)
     if method == "qlora":

@@ -12,10 +12,9 @@ import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 import zstandard
+from conftest import serving_with
 
 MEMORY_LIMIT = 4 << 30  # the child's address space: ~2 GiB go to torch and transformers, the rest is headroom
 TIME_LIMIT = 120  # seconds per case, imports included (the cases themselves end in a few seconds)
@@ -48,8 +48,8 @@ def one_error(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def check_data(path: Path, tokenizer: Path) -> subprocess.CompletedProcess:
-    return tuner("check-data", str(path), "--tokenizer", str(tokenizer))
+def check_data(path: Path, tokenizer: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return tuner("check-data", str(path), "--tokenizer", str(tokenizer), env=env)
 
 
 def zero_bomb(path: Path, members: int, compress) -> Path:
@@ -71,9 +71,12 @@ def zero_bomb(path: Path, members: int, compress) -> Path:
 ])
 def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, tiny_model_dir, name, compress):
     bomb = zero_bomb(tmp_path / name, 64, compress)
-    error = one_error(check_data(bomb, tiny_model_dir))
+    scratch = tmp_path / "tmp"  # where a compressed Parquet file is inflated before it is read
+    scratch.mkdir()
+    error = one_error(check_data(bomb, tiny_model_dir, env={"TMPDIR": str(scratch)}))
     assert error.startswith(f"error: {bomb}: decompresses more than 100x (")
     assert "decompression bomb" in error
+    assert list(scratch.iterdir()) == []  # the inflated part, and the check's scratch folder, are gone
 
 
 def test_the_decompressed_size_limit_is_configurable(tmp_path, tiny_model_dir):
@@ -194,14 +197,8 @@ class Hostile(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def hostile_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_with(Hostile) as host:
+        yield f"http://{host}"
 
 
 LIMITS = {"TUNER_DOWNLOAD_DEADLINE_SECONDS": "12", "TUNER_DOWNLOAD_READ_TIMEOUT_SECONDS": "1",
