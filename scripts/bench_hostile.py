@@ -2,7 +2,9 @@
 on each hostile file, as ratios to the same command on a one-row good file (the import and model
 load floor). Bounded means ratios near 1x: the bomb costs what the good file costs.
 
-    python scripts/bench_hostile.py [--tokenizer DIR]
+    python scripts/bench_hostile.py [--tokenizer DIR] [--timeout S]
+
+PYTHONPATH=OTHER_CHECKOUT runs another tuner through the same cases (e.g. a release before the limits).
 """
 
 from __future__ import annotations
@@ -55,22 +57,31 @@ def cases(folder: Path) -> dict[str, Path]:
     return made
 
 
-def measure(path: Path, tokenizer: str) -> tuple[float, float, int]:
-    """(seconds, peak RSS in MiB, exit code) of one `tuner check-data` process."""
+def measure(path: Path, tokenizer: str, timeout: float) -> tuple[float, float, int | str]:
+    """(seconds, peak RSS in MiB, exit code or "killed") of one `tuner check-data` process."""
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "check-data", str(path), "--tokenizer", tokenizer],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    return time.monotonic() - started, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    killed = False
+    while (waited := os.wait4(proc.pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() - started > timeout:
+            proc.kill()
+            killed = True
+            waited = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    _, status, usage = waited
+    return time.monotonic() - started, usage.ru_maxrss / 1024, "killed" if killed else os.waitstatus_to_exitcode(status)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default=str(Path.home() / ".cache/tuner/models/smollm2-135m-instruct"))
+    parser.add_argument("--timeout", type=float, default=300, help="seconds before a case is killed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        results = {name: measure(path, args.tokenizer) for name, path in cases(Path(folder)).items()}
+        results = {name: measure(path, args.tokenizer, args.timeout) for name, path in cases(Path(folder)).items()}
     base_seconds, base_rss, _ = results["baseline: 1 good row"]
     print(f"{'case':36} {'exit':>4} {'seconds':>8} {'x base':>7} {'peak RSS MiB':>13} {'x base':>7}")
     for name, (seconds, rss, code) in results.items():
