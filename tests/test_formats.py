@@ -62,7 +62,8 @@ def test_a_structured_format_wins_over_a_text_column_and_says_it_ignored_it(colu
 def test_a_tie_between_structured_formats_names_them_and_the_key():
     with pytest.raises(UserError, match=r"^data.parquet: dataset columns prompt, completion, messages, text fit "
                                         r"several formats: messages \(messages\), prompt-completion \(prompt, "
-                                        r"completion\); choose one with DatasetConfig.format \(e.g. format: messages\)$"):
+                                        r"completion\); choose one with DatasetConfig.format "
+                                        r"\(e.g. format: messages\)$"):
         detect_format(["prompt", "completion", "messages", "text"], where="data.parquet")
 
 

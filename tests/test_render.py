@@ -167,7 +167,8 @@ def test_volume_sources_are_mounted_and_the_pods_workspace_points_at_them(tmp_pa
     assert volumes["input"]["persistentVolumeClaim"] == {"claimName": "datasets"}
     assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "adapters"}
     for name in ("fetch", "tuner"):  # fetch records the paths under the mount, `run --skip-fetch` reads them there
-        assert {"name": "input", "mountPath": "/mnt/input", "readOnly": True} in container(manifests, name)["volumeMounts"]
+        mounts = container(manifests, name)["volumeMounts"]
+        assert {"name": "input", "mountPath": "/mnt/input", "readOnly": True} in mounts
     assert {"name": "output", "mountPath": "/mnt/output"} in container(manifests)["volumeMounts"]
     tuning = yaml.safe_load(manifests["ConfigMap"]["data"]["workspace.yaml"])["tuning"]
     assert tuning["input"]["volumeSource"] == {"hostPath": {"path": "/mnt/input"}}

@@ -89,8 +89,9 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
     config, notes = precision.for_sku(plan.config, sku)
     estimate = gpu_memory.estimate(plan.preset, config, plan.max_length)
     gpu_memory.check_fits(sku, estimate, plan.preset.name)
-    notes = [*plan.notes, *(f"warning: {w}" for w in plan.config.warnings), *notes, f"{sku.name}: {sku.gpu_count}x {sku.gpu_model} {sku.gpu_memory_gib:g} GiB; "
-                     f"estimated need per GPU: {estimate.describe()}"]
+    notes = [*plan.notes, *(f"warning: {w}" for w in plan.config.warnings), *notes,
+             f"{sku.name}: {sku.gpu_count}x {sku.gpu_model} {sku.gpu_memory_gib:g} GiB; "
+             f"estimated need per GPU: {estimate.describe()}"]
 
     job_name = f"{name}-tuning"
     labels = {"app.kubernetes.io/name": "tuner", "app.kubernetes.io/instance": name,
