@@ -55,7 +55,7 @@ def generate(path: Path, rows: int, seed: int = 0, group: int = 50_000) -> None:
             has_context = rng.random(n) < 0.4
             writer.write_table(pa.table({
                 "instruction": sentences(n, 6, 20),
-                "context": [c if keep else "" for c, keep in zip(context, has_context)],
+                "context": [c if keep else "" for c, keep in zip(context, has_context, strict=True)],
                 "response": sentences(n, 15, 90),
                 "category": [CATEGORIES[i] for i in rng.integers(0, len(CATEGORIES), size=n)],
             }, schema=schema))

@@ -12,6 +12,7 @@ Usage: python scripts/bench_push.py [--mb 200] [--repeats 3]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -23,7 +24,6 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from registry_support import RegistryServer, skopeo, skopeo_auth_args  # noqa: E402
-
 from tuner.oci import OciLayoutTarget  # noqa: E402
 from tuner.publish import package  # noqa: E402
 from tuner.registry import RegistryOptions, push_layout  # noqa: E402
@@ -54,7 +54,7 @@ def bench(root: Path, tls: bool, layout: OciLayoutTarget, layer_bytes: int, repe
             options = RegistryOptions(insecure_registries=frozenset() if tls else frozenset({server.host}),
                                       ca_cert=server.ca_cert, config_file=server.docker_config(folder / "docker"))
             ref = f"{server.host}/bench/tuner:v1"
-            tuner_s.append(timed(lambda: push_layout(layout, ref, options)))
+            tuner_s.append(timed(functools.partial(push_layout, layout, ref, options)))
             skopeo_s.append(timed(lambda: skopeo("copy", *skopeo_auth_args(server, "dest"),
                                                  f"oci:{layout.path}:{layout.tag}",
                                                  f"docker://{server.host}/bench/skopeo:v1")))

@@ -32,7 +32,7 @@ def main(layout: str) -> int:
         before = [answer(base, tokenizer, q) for q in QUESTIONS]
         tuned, tokenizer = load_chat_model(base_dir, Path(tmp))
         after = [answer(tuned, tokenizer, q) for q in QUESTIONS]
-    for question, old, new in zip(QUESTIONS, before, after):
+    for question, old, new in zip(QUESTIONS, before, after, strict=True):
         print(f"\nQ: {question}\n  base model: {old}\n  with adapter: {new}")
     if before == after:
         print("\nFAIL: the adapter did not change any answer", file=sys.stderr)

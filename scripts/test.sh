@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# README command 2: install everything the suite needs (Python packages and Debian tools), then
-# run the whole test suite. Extra arguments go to pytest.
+# README command 2: install everything the suite needs (Python packages and Debian tools), lint,
+# then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,4 +16,5 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 . .venv/bin/activate
+ruff check tuner tests scripts  # pyflakes, import order, bugbear ([tool.ruff] in pyproject.toml)
 exec python -m pytest "$@"

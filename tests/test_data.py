@@ -83,7 +83,7 @@ def test_multi_turn_smollm2_labels_exactly_the_assistant_turns(smol):
     ids, mask = encode_one(smol, MULTI_TURN)
     labelled = np.array(ids)[np.array(mask) == 1]
     assert smol.decode(labelled) == "hello\nfriend.<|im_end|>\nfour<|im_end|>\n"
-    for token, carries in zip(ids, mask):  # no header, system or user token carries loss
+    for token, carries in zip(ids, mask, strict=True):  # no header, system or user token carries loss
         if smol.convert_ids_to_tokens(token) == "<|im_start|>":
             assert carries == 0
 
@@ -92,7 +92,7 @@ def test_multi_turn_phi3_labels_exactly_the_assistant_turns(phi3):
     ids, mask = encode_one(phi3, MULTI_TURN)
     assert phi3.decode(np.array(ids)[np.array(mask) == 1]) == "hello\nfriend.<|end|>four<|end|><|endoftext|>"
     headers = {phi3.convert_tokens_to_ids(t) for t in ("<|system|>", "<|user|>", "<|assistant|>")}
-    assert all(carries == 0 for token, carries in zip(ids, mask) if token in headers)
+    assert all(carries == 0 for token, carries in zip(ids, mask, strict=True) if token in headers)
 
 
 @pytest.mark.parametrize("tokenizer_name", ["phi3", "smol"])

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_run import ROWS, configmap, unpack_layout, workspace
 
+from test_run import ROWS, configmap, unpack_layout, workspace
 from tuner.presets import get_preset
 from tuner.training_config import build_config, load_config_file
 
@@ -62,7 +62,7 @@ def run_together(commands: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
     logs = [cwd / f"launch-{i}.log" for i in range(len(commands))]
     procs: list[subprocess.Popen] = []
     try:
-        for command, log in zip(commands, logs):
+        for command, log in zip(commands, logs, strict=True):
             with log.open("w") as out:
                 procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True))
@@ -70,7 +70,7 @@ def run_together(commands: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
         codes = [proc.wait(timeout=max(deadline - time.monotonic(), 1)) for proc in procs]
     finally:
         _stop(procs)
-    return list(zip(codes, (log.read_text() for log in logs)))
+    return list(zip(codes, (log.read_text() for log in logs), strict=True))
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

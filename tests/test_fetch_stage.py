@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_run import ROWS, configmap, sha256_of, workspace
 
+from test_run import ROWS, configmap, sha256_of, workspace
 from tuner import cli
 
 

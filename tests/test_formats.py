@@ -9,8 +9,16 @@ import pytest
 
 from tuner.errors import UserError
 from tuner.formats import (
-    EMPTY_CONTENT, MALFORMED, NO_ASSISTANT, NON_STRING, UNKNOWN_ROLE, ColumnMapping, Format, RowDropped,
-    detect_format, to_sample,
+    EMPTY_CONTENT,
+    MALFORMED,
+    NO_ASSISTANT,
+    NON_STRING,
+    UNKNOWN_ROLE,
+    ColumnMapping,
+    Format,
+    RowDropped,
+    detect_format,
+    to_sample,
 )
 from tuner.readers import file_columns, iter_chunks
 

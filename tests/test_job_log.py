@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+
 from conftest import serving
 from test_run import unpack_layout, workspace
-
 from tuner.events import TYPES
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def test_train_step_events_carry_the_trainers_own_numbers(json_run):
     steps = of_type(printed, "train.step")
     logged = [e for e in trainer_state(tmp_path / "work")["log_history"] if "loss" in e]
     assert [e["step"] for e in steps] == list(range(1, STEPS + 1)) == [e["step"] for e in logged]
-    for event, entry in zip(steps, logged):
+    for event, entry in zip(steps, logged, strict=True):
         assert set(event["metrics"]) == STEP_METRICS and event["data"] == {"total_steps": STEPS}
         assert event["metrics"]["loss"] == entry["loss"]
         assert event["metrics"]["learning_rate"] == entry["learning_rate"]

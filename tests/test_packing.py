@@ -7,8 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuner.packing import (IGNORE, PackedDataset, PackingCollator, pack_best_fit, packing_efficiency,
-                           padded_tokens, should_pack)
+from tuner.packing import (
+    IGNORE,
+    PackedDataset,
+    PackingCollator,
+    pack_best_fit,
+    packing_efficiency,
+    padded_tokens,
+    should_pack,
+)
 from tuner.presets import get_preset
 
 # (prompt, answer): an answer trains on its tokens only (chat-like); None trains on every token (plain text)
@@ -41,7 +48,7 @@ def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs)
     with torch.no_grad():
         logits = model(input_ids=input_ids, **kwargs).logits.double()
     losses = []
-    for row_logits, row_labels in zip(logits, labels):
+    for row_logits, row_labels in zip(logits, labels, strict=True):
         targets = row_labels[1:]
         keep = targets != IGNORE
         losses.append(F.cross_entropy(row_logits[:-1][keep], targets[keep], reduction="none"))
@@ -180,4 +187,4 @@ def test_million_lengths_pack_tightly_and_deterministically():
     assert len(bins) <= 1.01 * np.ceil(lengths.sum() / 2048)  # within 1% of the lower bound
     assert packing_efficiency(lengths, bins, 2048) > 0.99
     again = pack_best_fit(lengths, 2048)
-    assert len(again) == len(bins) and all(np.array_equal(a, b) for a, b in zip(again, bins))
+    assert len(again) == len(bins) and all(np.array_equal(a, b) for a, b in zip(again, bins, strict=True))

@@ -18,7 +18,13 @@ import zstandard
 from tuner import readers
 from tuner.errors import UserError
 from tuner.readers import (
-    INVALID_JSON, INVALID_UTF8, NOT_AN_OBJECT, RowChunk, dataset_files, file_columns, iter_chunks,
+    INVALID_JSON,
+    INVALID_UTF8,
+    NOT_AN_OBJECT,
+    RowChunk,
+    dataset_files,
+    file_columns,
+    iter_chunks,
 )
 
 ROWS = [{"prompt": f"question {i}?", "completion": f"answer {i}."} for i in range(5)]

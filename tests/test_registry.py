@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from registry_support import FaultProxy, RegistryServer, TokenAuthProxy, skopeo, skopeo_auth_args
 
+from registry_support import FaultProxy, RegistryServer, TokenAuthProxy, skopeo, skopeo_auth_args
 from tuner import cli
 from tuner.errors import UserError
 from tuner.publish import publish

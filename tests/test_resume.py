@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_run import ROWS, workspace
 
+from test_run import ROWS, workspace
 from tuner.checkpoints import COMPLETE_MARKER, IDENTITY_FILE
 from tuner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 

@@ -7,9 +7,9 @@ import base64
 import json
 
 import yaml
+
 from registry_support import skopeo, skopeo_auth_args
 from test_run import ROWS, configmap
-
 from tuner import cli
 
 URL_TOKEN = "sig-url-token-5e1f0c"

@@ -149,22 +149,22 @@ class ChatRenderer:
 
     def _build_skeleton(self, roles: tuple[str, ...]) -> _Skeleton | None:
         sentinels = [f" \n\u27e6tuner-{i}\u27e7\n " for i in range(len(roles))]
-        messages = [{"role": role, "content": s} for role, s in zip(roles, sentinels)]
+        messages = [{"role": role, "content": s} for role, s in zip(roles, sentinels, strict=True)]
         try:
             text, spans = self.render_slow(messages)
         except Exception:  # any template failure: let the slow path report it row by row
             return None
         positions = [text.find(s) for s in sentinels]
-        if any(p < 0 or text.count(s) != 1 for p, s in zip(positions, sentinels)) or positions != sorted(positions):
+        if any(p < 0 or text.count(s) != 1 for p, s in zip(positions, sentinels, strict=True)) or positions != sorted(positions):
             return None
         pieces, cursor = [], 0
-        for position, sentinel in zip(positions, sentinels):
+        for position, sentinel in zip(positions, sentinels, strict=True):
             pieces.append(text[cursor:position])
             cursor = position + len(sentinel)
         pieces.append(text[cursor:])
         assistant = [i for i, role in enumerate(roles) if role == "assistant"]
         deltas = []
-        for index, (start, end) in zip(assistant, spans):
+        for index, (start, end) in zip(assistant, spans, strict=False):  # a template may leave a turn out
             content_start, content_end = positions[index], positions[index] + len(sentinels[index])
             if start > content_start or end < content_end:
                 return None
@@ -174,7 +174,7 @@ class ChatRenderer:
 
 def _assemble(skeleton: _Skeleton, messages: list[dict]) -> tuple[str, list[Span]]:
     parts, starts, cursor = [], [], 0
-    for piece, message in zip(skeleton.pieces, messages):
+    for piece, message in zip(skeleton.pieces, messages, strict=False):  # one piece more: the tail
         parts.append(piece)
         cursor += len(piece)
         starts.append(cursor)

@@ -91,7 +91,7 @@ class Encoder:
         np.cumsum([len(text) + 1 for _, text, _ in rendered[:-1]], out=bases[1:])
         row_of_token = np.repeat(np.arange(len(rendered)), lengths)
         offsets += bases[row_of_token, None]
-        spans = [(base + a, base + b) for base, (_, _, row_spans) in zip(bases.tolist(), rendered) for a, b in row_spans]
+        spans = [(base + a, base + b) for base, (_, _, row_spans) in zip(bases.tolist(), rendered, strict=True) for a, b in row_spans]
         mask = _span_mask(offsets, spans)
 
         row_starts = np.zeros(len(rendered), dtype=np.int64)

@@ -52,7 +52,7 @@ def pack_best_fit(lengths: np.ndarray, max_length: int) -> list[np.ndarray]:
     bins_with: list[list[int]] = [[] for _ in range(max_length + 1)]  # capacity -> ids of open bins with it
     bin_of = [0] * len(lengths)
     opened = 0
-    for index, length in zip(order.tolist(), lengths[order].tolist()):
+    for index, length in zip(order.tolist(), lengths[order].tolist(), strict=True):
         at = bisect_left(capacities, length)
         if at == len(capacities):
             chosen, left = opened, max_length - length

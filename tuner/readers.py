@@ -333,7 +333,7 @@ def _json(path: Path, compression: str, chunk_rows: int, max_row_bytes: int) -> 
     if isinstance(doc, dict) and doc and all(isinstance(v, list) for v in doc.values()):
         if len({len(v) for v in doc.values()}) > 1:
             raise UserError("the JSON object's column lists differ in length", where=str(path))
-        doc = [dict(zip(doc, values)) for values in zip(*doc.values())]
+        doc = [dict(zip(doc, values, strict=True)) for values in zip(*doc.values(), strict=True)]
     for row in doc if isinstance(doc, list) else [doc]:
         yield (row, None, None) if isinstance(row, dict) else (None, NOT_AN_OBJECT, None)
 

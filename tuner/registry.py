@@ -16,6 +16,7 @@ URLs); tuner adds what a job runner needs on top of it:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -33,7 +34,6 @@ import requests
 import tenacity
 
 from tuner import descriptors, events
-from tuner.scratch import scratch_dir
 from tuner.credentials import Credentials, docker_config_file, load_credentials
 from tuner.errors import UserError, quote
 from tuner.oci import (
@@ -45,6 +45,7 @@ from tuner.oci import (
     digest_hex,
     read_layout_manifest,
 )
+from tuner.scratch import scratch_dir
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -253,12 +254,13 @@ def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOption
         digest, size = descriptor["digest"], descriptor["size"]
         path = blob_path(source.path, digest)
         label = f"blob {digest[7:19]} ({size / 1e6:,.1f} MB)"
-        if client.retrying(deadline, f"checking {label}", lambda: client.blob_exists(descriptor, container)):
+        if client.retrying(deadline, f"checking {label}", functools.partial(client.blob_exists, descriptor, container)):
             skipped += 1
             events.info(f"push: {label} already in {container.registry}, not uploaded")
             continue
         started = time.monotonic()
-        response = client.retrying(deadline, f"uploading {label}", lambda: _upload(client, path, container, descriptor))
+        response = client.retrying(deadline, f"uploading {label}",
+                                   functools.partial(_upload, client, path, container, descriptor))
         seconds = max(time.monotonic() - started, 1e-6)
         uploaded += size
         events.info(f"push: {label} uploaded in {seconds:.1f}s ({size / seconds / 1e6:,.0f} MB/s)"

@@ -81,9 +81,9 @@ def draw(events_file: Path, out: Path, metrics: Sequence[str] = DEFAULT_METRICS,
     fig = Figure(figsize=(ROW_SIZE[0], ROW_SIZE[1] * len(panels)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         for i, name in enumerate(panel):
-            steps, values = zip(*logged[name])
+            steps, values = zip(*logged[name], strict=True)
             label = name if len(panel) == 1 else f"{'eval' if i else 'train'} {panel[0]}"
             ax.plot(steps, values, color=EVAL_COLOR if i else TRAIN_COLOR, label=label,
                     marker="o" if name.startswith(EVAL_PREFIX) else None, markersize=4)

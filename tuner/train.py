@@ -6,23 +6,29 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PrinterCallback, Trainer,
-                          TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PrinterCallback,
+    Trainer,
+    TrainingArguments,
+)
 
 from tuner import checkpoints, distributed, events
-from tuner.progress import ProgressEvents
 from tuner.data import PreparedData
-from tuner.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
 from tuner.errors import EXIT_PREEMPTED, Preempted, UserError
+from tuner.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
 from tuner.precision import Precision, choose_precision
 from tuner.presets import Preset
+from tuner.progress import ProgressEvents
 from tuner.training_config import TrainingConfig
 
 DEFAULT_LOGGING_STEPS = 0.02  # a ratio of the total: about 50 progress lines per run

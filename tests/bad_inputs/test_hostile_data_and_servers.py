@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 import zstandard
+
 from conftest import serving_with
 
 MEMORY_LIMIT = 4 << 30  # the child's address space: ~2 GiB go to torch and transformers, the rest is headroom

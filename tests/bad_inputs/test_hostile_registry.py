@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+
 from conftest import serving_with
 
 MEMORY_LIMIT = 2 << 30
