@@ -12,8 +12,8 @@ from tuner import gpu_memory
 from tuner.errors import UserError
 from tuner.gpu_memory import GIB, check_fits, estimate, lora_parameters
 from tuner.gpus import lookup
+from tuner.plan import effective_max_length
 from tuner.presets import Preset, get_preset
-from tuner.run import effective_max_length
 from tuner.training_config import build_config
 
 PHI3 = "phi-3-mini-4k-instruct"

@@ -11,8 +11,8 @@ import yaml
 
 from tuner import cli
 from tuner.errors import UserError
+from tuner.plan import plan_job
 from tuner.render import RenderOptions, render
-from tuner.run import plan_job
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed-examples" / "workspace-phi-3-mini-tuning.yaml"
 K8S_VERSIONS = [f"1.{minor}.0" for minor in range(30, int(kubernetes_validate.latest_version().split(".")[1]) + 1)]

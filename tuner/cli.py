@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _render(args: argparse.Namespace):
+    from tuner.plan import plan_job
     from tuner.render import DEFAULT_IMAGE, RenderOptions, render
-    from tuner.run import plan_job
 
     plan = plan_job(args.workspace, config_path=args.config, for_cluster=True)
     return render(plan, RenderOptions(
@@ -321,7 +321,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                                    registry=_registry_options(args))
         events.info(f"fetched {len(inputs)} input files ({sum(f.size for f in inputs):,} bytes): {marker}")
         return EXIT_OK
-    from tuner.run import plan_job, run_job
+    from tuner.plan import plan_job
+    from tuner.run import run_job
 
     plan = plan_job(args.workspace, config_path=args.config, output=args.output,
                     work_dir=getattr(args, "work_dir", None), allow_private_urls=args.allow_private_urls,

@@ -19,8 +19,8 @@ import yaml
 
 from tuner import __version__, distributed, k8s_names, termination
 from tuner.errors import EXIT_USER_ERROR, UserError
+from tuner.plan import CLUSTER_OUTPUT_DIR, JobPlan
 from tuner.presets import bundled_dir
-from tuner.run import JobPlan
 from tuner.yamlio import load_yaml_file
 
 DEFAULT_IMAGE = f"ghcr.io/tuner-dev/tuner:{__version__}"
@@ -28,7 +28,7 @@ CONFIG_DIR = "/etc/tuner"
 WORK_MOUNT = "/workspace"
 WORK_DIR = f"{WORK_MOUNT}/work"
 INPUT_MOUNT = "/mnt/input"
-OUTPUT_MOUNT = "/mnt/output"
+OUTPUT_MOUNT = CLUSTER_OUTPUT_DIR
 PUSH_SECRET_DIR = f"{CONFIG_DIR}/push-secret"
 PULL_SECRET_DIR = f"{CONFIG_DIR}/pull-secret"
 URL_HEADERS_DIR = f"{CONFIG_DIR}/url-headers"

@@ -14,7 +14,7 @@ from tuner.events import duration
 if TYPE_CHECKING:
     from tuner.data import DataStats
     from tuner.fetch import InputFile
-    from tuner.run import JobPlan
+    from tuner.plan import JobPlan
     from tuner.train import TrainResult
 
 
