@@ -1,11 +1,18 @@
 """The import structure, read from the source (every import: module level, inside functions and
 under TYPE_CHECKING): no module depends on itself through others, and the Workspace spec depends
-on no stage of the job."""
+on no stage of the job. And what the submit side really imports, seen in `sys.modules` after a
+command ran in a fresh process."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+import yaml
 
 import tuner
 
@@ -80,3 +87,38 @@ def test_the_spec_depends_on_no_stage():
     """The Workspace is read and checked before any stage runs: it may use the shared error type and
     the rules it applies, nothing that fetches, prepares, trains, packages or renders."""
     assert import_graph()["tuner.spec"] <= {"tuner.errors", "tuner.image_ref", "tuner.k8s_names", "tuner.yamlio"}
+
+
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "trl")
+SUBMIT_SIDE = {
+    "validate": ["validate", "{workspace}"],
+    "render": ["render", "{workspace}"],
+    "presets": ["presets"],
+    "help": ["--help"],
+    "status": ["status", "ws", "--kubeconfig", "{missing}"],
+}
+
+
+@pytest.mark.parametrize("command", list(SUBMIT_SIDE))
+def test_the_submit_side_never_imports_the_ml_libraries(command, tmp_path):
+    """What runs on a laptop or in CI before any GPU is booked imports none of the training stack."""
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(yaml.safe_dump({
+        "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "phi3-qlora"},
+        "resource": {"instanceType": "Standard_NC6s_v3"},
+        "tuning": {"preset": {"name": "phi-3-mini-4k-instruct"}, "method": "qlora",
+                   "input": {"urls": ["https://datasets.example.com/train.parquet"]},
+                   "output": {"image": "myacr.azurecr.io/adapters/phi3:0.0.1", "imagePushSecret": "acr-push"}}}))
+    argv = [a.format(workspace=workspace, missing=tmp_path / "no-kubeconfig") for a in SUBMIT_SIDE[command]]
+    probe = ("import contextlib, io, json, sys\n"
+             "from tuner import cli\n"
+             "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+             "    try:\n"
+             f"        code = cli.main({argv!r})\n"
+             "    except SystemExit as exit:\n"
+             "        code = exit.code\n"
+             f"print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})]))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    code, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert code == (2 if command == "status" else 0), done.stderr
+    assert heavy == [], f"tuner {command} imported {heavy}"

@@ -1,7 +1,8 @@
 """Every training_config value checked for its type and range before any work (`tuner validate`).
 
 The types are the consuming libraries' own: the dataclass annotations of transformers'
-TrainingArguments (plus TRL's SFTConfig `max_length`/`packing`) and peft's LoraConfig; Kaito's
+TrainingArguments (plus TRL's SFTConfig `max_length`/`packing`) and peft's LoraConfig, as
+tuner.library_keys recorded them; Kaito's
 dataclasses (presets/workspace/tuning) for ModelConfig, QuantizationConfig, DatasetConfig,
 DataCollator and TokenizerParams, which carry no usable annotations in the libraries. They are
 checked strictly (pydantic strict mode: `true` is not an integer, `"four"` is not a number), with
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
+from tuner import library_keys
 from tuner.errors import UserError, quote
 
 _FORMATS = Literal["messages", "prompt-completion", "dolly", "alpaca", "sharegpt", "text"]  # tuner.formats.FORMATS
@@ -110,19 +112,14 @@ def section_types(section: str) -> dict[str, Any]:
 
 @cache
 def _lora_types() -> dict[str, Any]:
-    from peft import LoraConfig
-
-    hints = typing.get_type_hints(LoraConfig)
     # peft annotates these `int` and `dict` but computes with any number (e.g. alpha 16.0 or 0.5 x r)
-    return hints | {"lora_alpha": float, "rank_pattern": dict[str, int] | None,
-                    "alpha_pattern": dict[str, float] | None}
+    return library_keys.annotations("LoraConfig") | {"lora_alpha": float, "rank_pattern": dict[str, int] | None,
+                                                     "alpha_pattern": dict[str, float] | None}
 
 
 @cache
 def _training_argument_types() -> dict[str, Any]:
-    from transformers import TrainingArguments
-
-    return typing.get_type_hints(TrainingArguments) | {"max_length": int | None, "packing": bool | None}
+    return library_keys.annotations("TrainingArguments") | {"max_length": int | None, "packing": bool | None}
 
 
 @cache

@@ -200,6 +200,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers sets its loggers' level from this when it is imported, over any level set before:
+    # without it, warnings such as checkpoint sorting's "mtime may not be reliable" reach stderr
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("bitsandbytes", "transformers", "peft", "accelerate", "huggingface_hub", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):

@@ -11,13 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from tuner.gpus import GpuSku
     from tuner.training_config import TrainingConfig
-
-_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -35,11 +33,11 @@ class Precision:
 
     @property
     def mixed_bf16(self) -> bool:
-        return self.device == "cuda" and self.dtype == torch.bfloat16
+        return self.device == "cuda" and self.name == "bfloat16"
 
     @property
     def mixed_fp16(self) -> bool:
-        return self.device == "cuda" and self.dtype == torch.float16
+        return self.device == "cuda" and self.name == "float16"
 
 
 def choose_precision(requested: str | None) -> Precision:
@@ -48,6 +46,8 @@ def choose_precision(requested: str | None) -> Precision:
     A CPU has no fast half precision (bf16 matmuls ran ~9x slower than float32 here), so half
     precision becomes float32 there; a GPU without bf16 (V100, T4) gets float16 instead.
     """
+    import torch  # here, not at the top: `tuner render` uses for_sku and must not import torch
+
     requested = requested or "auto"
     if not torch.cuda.is_available():
         if requested in ("bfloat16", "float16"):
@@ -59,11 +59,13 @@ def choose_precision(requested: str | None) -> Precision:
             return Precision(requested, torch.bfloat16, "cuda")
         return Precision(requested, torch.float16, "cuda",
                          f"{requested} requested, but {torch.cuda.get_device_name()} has no bfloat16: training in float16")
-    return Precision(requested, _NAMES[requested], "cuda")
+    return Precision(requested, getattr(torch, requested), "cuda")
 
 
 def _cuda_has_bf16() -> bool:
     """Native bfloat16 on the current GPU; emulation (what a V100 or T4 offers) does not count."""
+    import torch
+
     try:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # a torch without the keyword

@@ -3,22 +3,21 @@
 A section given by the user overlays the method's default section key by key, so a config that
 only sets `TrainingArguments.num_train_epochs` still trains with Kaito's LoRA defaults. Keys are
 checked against the libraries that consume them (peft's LoraConfig, transformers'
-BitsAndBytesConfig, TRL's SFTConfig), so an unknown key is refused by name before any GPU time.
+BitsAndBytesConfig, TRL's SFTConfig, as tuner.library_keys recorded them from the pinned
+releases), so an unknown key is refused by name before any GPU time.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import hashlib
-import inspect
 import json
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
+from tuner import library_keys
 from tuner.config_values import check_values
 from tuner.errors import UserError, UserErrors, quote
 from tuner.formats import ColumnMapping
@@ -172,13 +171,15 @@ def build_config(method: str, user: dict[str, Any] | None = None) -> TrainingCon
         sections["TrainingArguments"]["max_length"] = tokenizer_params["max_length"]
     sections["TrainingArguments"] = {_SFT_ALIASES.get(k, k): v for k, v in sections["TrainingArguments"].items()}
 
-    known = {"ModelConfig": _MODEL_KEYS, "QuantizationConfig": _bnb_keys(), "LoraConfig": _lora_keys(),
-             "TrainingArguments": _training_argument_keys() | _sft_only_keys(), "DatasetConfig": _DATASET_KEYS,
+    sft_only = library_keys.keys("SFTConfig")
+    known = {"ModelConfig": _MODEL_KEYS, "QuantizationConfig": library_keys.keys("BitsAndBytesConfig"),
+             "LoraConfig": library_keys.keys("LoraConfig"),
+             "TrainingArguments": library_keys.keys("TrainingArguments") | sft_only, "DatasetConfig": _DATASET_KEYS,
              "DataCollator": _COLLATOR_KEYS, "TokenizerParams": _TOKENIZER_KEYS}
     for name, values in [*sections.items(), ("TokenizerParams", tokenizer_params)]:
         errors += _unknown_keys(name, values, known[name])
     training_args = sections["TrainingArguments"]
-    unapplied = sorted(k for k in training_args if isinstance(k, str) and k in _sft_only_keys() - _SFT_KEYS_APPLIED)
+    unapplied = sorted(k for k in training_args if isinstance(k, str) and k in sft_only - _SFT_KEYS_APPLIED)
     errors += [UserError("is an SFTConfig option that tuner does not apply (tuner tokenizes, masks and batches "
                          "the data itself)", where=f"training_config.TrainingArguments.{key}", fix="remove it")
                for key in unapplied]
@@ -229,32 +230,3 @@ def _unknown_keys(section: str, values: dict[str, Any], known: set[str]) -> list
 def _suggest(name: str, known) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-@cache
-def _lora_keys() -> set[str]:
-    from peft import LoraConfig
-
-    return {f.name for f in dataclasses.fields(LoraConfig)}
-
-
-@cache
-def _bnb_keys() -> set[str]:
-    from transformers import BitsAndBytesConfig
-
-    params = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
-    return params | {"quant_method"}
-
-
-@cache
-def _training_argument_keys() -> set[str]:
-    from transformers import TrainingArguments
-
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-
-
-@cache
-def _sft_only_keys() -> set[str]:
-    from trl import SFTConfig
-
-    return {f.name for f in dataclasses.fields(SFTConfig) if f.init} - _training_argument_keys()
