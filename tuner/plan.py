@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from tuner import events
 from tuner.errors import UserError, quote
 from tuner.presets import Preset, get_preset
-from tuner.spec import Workspace, image_notes, load_workspace, local_host_path
+from tuner.spec import Workspace, image_notes, load_workspace, local_host_path, normalisation_note
 from tuner.training_config import TrainingConfig, build_config, load_config_file
 
 if TYPE_CHECKING:
@@ -65,14 +65,14 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
         raise UserError(f"tuning.config names the ConfigMap {quote(tuning.config)}, which a local run cannot read",
                         where=str(workspace_path), fix="pass its manifest with --config CONFIGMAP.yaml")
     config = build_config(tuning.method, load_config_file(config_path) if config_path else None)
-    notes = [n for n in image_notes(workspace) if not (output and n.startswith("tuning.output"))]
+    notes = image_notes(workspace, ("input",) if output else ("input", "output"))
     if output or tuning.output.image:
         try:
             target = parse_output_ref(output or tuning.output.image)
         except UserError as exc:
             raise UserError(str(exc), where="--output" if output else "tuning.output.image") from None
-        if output and isinstance(target, RegistryTarget) and target.reference != output:
-            notes.append(f"--output: {output} normalised to {target.reference}, as Kaito reads it")
+        if output and isinstance(target, RegistryTarget) and (note := normalisation_note("--output", output)):
+            notes.append(note)
     elif for_cluster:
         target = Path(CLUSTER_OUTPUT_DIR)
     else:

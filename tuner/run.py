@@ -37,9 +37,8 @@ def fetch_job(workspace_path: Path, *, work_dir: Path | None = None, allow_priva
     from tuner.oci import parse_output_ref
 
     workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
-    for note in image_notes(workspace):
-        if note.startswith("tuning.input"):
-            events.info(note)
+    for note in image_notes(workspace, ("input",)):
+        events.info(note)
     if workspace.tuning.output.image:  # the push secret (at $DOCKER_CONFIG in the Job) is checked before any download
         check_push_credentials(parse_output_ref(workspace.tuning.output.image), None, warn_missing=False)
     work_dir = work_dir or default_work_dir(workspace)

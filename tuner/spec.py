@@ -265,21 +265,19 @@ def load_workspace(path: Path, *, allow_private_urls: bool = False) -> Workspace
     return workspace
 
 
-def _images(workspace: Workspace) -> list[tuple[str, str]]:
+def image_notes(workspace: Workspace, sides: tuple[str, ...] = ("input", "output")) -> list[str]:
+    """One line per image reference of `sides` that Kaito's normalisation changes (`data:v1` is
+    Docker Hub's `docker.io/library/data:v1`), so the user sees which registry tuner will talk to."""
     tuning = workspace.tuning
-    return [(where, image) for where, image in (("tuning.input.image", tuning.input.image),
-                                                 ("tuning.output.image", tuning.output.image)) if image]
+    images = {"input": tuning.input.image, "output": tuning.output.image}
+    return [note for side in sides if images[side]
+            and (note := normalisation_note(f"tuning.{side}.image", images[side])) is not None]
 
 
-def image_notes(workspace: Workspace) -> list[str]:
-    """One line per image reference that Kaito's normalisation changes (`data:v1` is Docker Hub's
-    `docker.io/library/data:v1`), so the user sees which registry tuner will talk to."""
-    notes = []
-    for where, image in _images(workspace):
-        normalised = str(parse_docker_ref(image))  # validated when the Workspace was loaded
-        if normalised != image:
-            notes.append(f"{where}: {image} normalised to {normalised}, as Kaito reads it")
-    return notes
+def normalisation_note(where: str, image: str) -> str | None:
+    """The note for one reference (already validated), or None when Kaito reads it as written."""
+    normalised = str(parse_docker_ref(image))
+    return None if normalised == image else f"{where}: {image} normalised to {normalised}, as Kaito reads it"
 
 
 def _describe(error: dict[str, Any]) -> str:
