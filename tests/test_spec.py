@@ -189,3 +189,13 @@ def test_references_without_a_registry_host_are_normalised_like_kaito(tmp_path):
         "tuning.input.image: data-image:latest normalised to docker.io/library/data-image:latest, as Kaito reads it",
         "tuning.output.image: org/adapter normalised to docker.io/org/adapter:latest, as Kaito reads it"]
     assert image_notes(load_workspace(write(tmp_path, workspace()))) == []
+
+
+def test_a_huge_bad_value_is_quoted_by_a_short_prefix(tmp_path):
+    """A bad value can be hundreds of kilobytes (files are capped at 1 MiB): the line shows its head and size."""
+    message = error_of(tmp_path, workspace(output={"image": "example.com/" + "A" * 500_000, "imagePushSecret": "p"}))
+    assert len(message) < 600 and "(500,012 characters)" in message
+    doc = workspace()
+    doc["metadata"]["name"] = "X" * 500_000
+    message = error_of(tmp_path, doc)
+    assert len(message) < 600 and "(500,000 characters)" in message
