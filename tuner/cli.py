@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import traceback
@@ -339,5 +340,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _exit(code: int) -> None:
+    """Exit with `code`. A torchrun worker leaves through os._exit once its output is flushed: its
+    process group is already destroyed, and the C++ destructors that run at a normal exit sometimes
+    abort (`terminate called without an active exception`, exit -6 instead of tuner's code) when the
+    launcher's store goes away first, which turned a user error or a preemption into a crash."""
+    from tuner.distributed import ranks_from_env
+
+    if ranks_from_env().distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
