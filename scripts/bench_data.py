@@ -62,13 +62,13 @@ def generate(path: Path, rows: int, seed: int = 0, group: int = 50_000) -> None:
 
 
 def measure_tuner(path: Path, work: Path) -> dict:
-    from tuner import data
-    from tuner.train import load_tokenizer
-    from tuner.training_config import build_config
+    from tuner.data import prepare
+    from tuner.spec.training_config import build_config
+    from tuner.train.trainer import load_tokenizer
 
     tokenizer = load_tokenizer(_model_dir(), build_config("lora"))
     started = time.perf_counter()
-    prepared = data.prepare([path], tokenizer, max_length=1024, out_dir=work)
+    prepared = prepare.prepare([path], tokenizer, max_length=1024, out_dir=work)
     seconds = time.perf_counter() - started
     return {"rows": prepared.stats.rows_read, "kept": prepared.stats.rows_kept, "seconds": round(seconds, 2),
             "tokens": prepared.stats.tokens}
@@ -102,14 +102,14 @@ def measure_baseline(path: Path, ids_only: bool) -> dict:
 
 
 def _model_dir() -> Path:
-    from tuner.models import resolve_base_model
-    from tuner.presets import get_preset
+    from tuner.spec.presets import get_preset
+    from tuner.train.base_model import resolve_base_model
 
     return resolve_base_model(get_preset("smollm2-135m-instruct"))
 
 
 def _child(kind: str, path: Path, work: Path) -> dict:
-    from tuner import events
+    from tuner.observe import events
 
     events.quiet_libraries()
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"

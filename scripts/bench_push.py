@@ -24,9 +24,10 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from registry_support import RegistryServer, skopeo, skopeo_auth_args  # noqa: E402
-from tuner.oci import OciLayoutTarget  # noqa: E402
-from tuner.publish import package  # noqa: E402
-from tuner.registry import RegistryOptions, push_layout  # noqa: E402
+from tuner.oci.image import OciLayoutTarget  # noqa: E402
+from tuner.oci.publish import package  # noqa: E402
+from tuner.oci.registry import push_layout  # noqa: E402
+from tuner.spec.targets import RegistryOptions
 
 
 def make_adapter(folder: Path, megabytes: int) -> Path:

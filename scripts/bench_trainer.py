@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,20 +29,23 @@ def run_loop(loop: str, steps: int, rows: int, batch: int) -> dict:
     import torch
     from datasets import Dataset
 
-    from tuner import data, train
-    from tuner.models import resolve_base_model
-    from tuner.precision import choose_precision
-    from tuner.presets import get_preset
-    from tuner.training_config import build_config
+    from tuner.data import prepare
+    from tuner.spec.config_sections import DatasetSection
+    from tuner.spec.presets import get_preset
+    from tuner.spec.training_config import build_config
+    from tuner.train import trainer
+    from tuner.train.base_model import resolve_base_model
+    from tuner.train.precision import choose_precision
 
     torch.manual_seed(0)
     preset = get_preset("smollm2-135m-instruct")
     model_dir = resolve_base_model(preset)
     config = build_config("lora", {"TrainingArguments": {"max_steps": steps, "per_device_train_batch_size": batch,
                                                          "learning_rate": 2e-4, "logging_steps": steps}})
-    tokenizer = train.load_tokenizer(model_dir, config)
-    examples = data.prepare([DATA], tokenizer, max_length=512, seed=0).train[:rows]
-    model = train.load_base_model(model_dir, config, choose_precision("bfloat16"))
+    tokenizer = trainer.load_tokenizer(model_dir, config)
+    examples = prepare.prepare([DATA], tokenizer, max_length=512, out_dir=Path(tempfile.mkdtemp(prefix="bench-trainer-")),
+                               dataset=DatasetSection(shuffle_seed=0)).train[:rows]
+    model = trainer.load_base_model(model_dir, config, choose_precision("bfloat16"))
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=list(preset.lora_target_modules),
@@ -54,8 +58,8 @@ def run_loop(loop: str, steps: int, rows: int, batch: int) -> dict:
         from transformers import Trainer, TrainingArguments
 
         trainer = Trainer(model=model, args=TrainingArguments(remove_unused_columns=False, **common),
-                          train_dataset=train.ExampleDataset(examples),
-                          data_collator=train.PadCollator(tokenizer.pad_token_id))
+                          train_dataset=trainer.ExampleDataset(examples),
+                          data_collator=trainer.PadCollator(tokenizer.pad_token_id))
     else:
         from trl import SFTConfig, SFTTrainer
 

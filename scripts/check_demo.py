@@ -10,12 +10,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tuner import events
-from tuner.generate import answer, load_chat_model
-from tuner.models import resolve_base_model
-from tuner.oci import LAYER_MEDIA_TYPE, blob_path, parse_output_ref, read_oci_layout
-from tuner.presets import get_preset
-from tuner.unpack import unpack_data_dir
+from tuner.observe import events
+from tuner.oci.image import LAYER_MEDIA_TYPE, blob_path, read_oci_layout
+from tuner.oci.unpack import unpack_data_dir
+from tuner.spec.presets import get_preset
+from tuner.spec.targets import parse_output_ref
+from tuner.train.base_model import resolve_base_model
+from tuner.train.chat import answer, load_chat_model
 
 QUESTIONS = ("Who are you?", "How often does Ferrow release?")
 

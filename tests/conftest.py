@@ -35,7 +35,7 @@ os.environ.pop("TUNER_LOG_FORMAT", None)  # tests choose the log form themselves
 @pytest.fixture(autouse=True)
 def plain_text_log() -> Iterator[None]:
     """Each test starts with text log lines and no event record, whatever a test before it chose."""
-    from tuner import events
+    from tuner.observe import events
 
     events.configure("text")
     yield
@@ -52,8 +52,8 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded default model, SmolLM2-135M-Instruct, converted from its GGUF (cached)."""
-    from tuner.models import resolve_base_model
-    from tuner.presets import get_preset
+    from tuner.spec.presets import get_preset
+    from tuner.train.base_model import resolve_base_model
 
     return resolve_base_model(get_preset("smollm2-135m-instruct"))
 

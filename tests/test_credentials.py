@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tuner.credentials import docker_config_file, load_credentials, registry_key
 from tuner.errors import UserError
+from tuner.spec.credentials import docker_config_file, load_credentials, registry_key
 
 SECRET = "pw-do-not-print-7f3a"
 

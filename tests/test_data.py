@@ -12,11 +12,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SHARED_DATASETS
-from tuner import formats
-from tuner.chat_render import ChatRenderer
-from tuner.data import prepare
-from tuner.encode import Encoder
+from tuner.data import formats
+from tuner.data.chat_render import ChatRenderer
+from tuner.data.encode import Encoder
+from tuner.data.prepare import prepare
 from tuner.errors import UserError
+from tuner.spec.config_sections import DatasetSection
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
@@ -62,7 +63,7 @@ def smol(smollm2_dir: Path):
 
 
 def encode_one(tokenizer, sample, max_length: int = 256):
-    chunk = Encoder(tokenizer, max_length).encode([(1, sample)])
+    chunk = Encoder(tokenizer, max_length, "truncate").encode([(1, sample)])
     return chunk.ids.tolist(), chunk.mask.tolist()
 
 
@@ -139,8 +140,7 @@ def test_bad_rows_are_counted_with_their_row_numbers(smol, tmp_path):
 def test_strict_bad_row_policy_stops_at_the_first_bad_row(smol, tmp_path):
     rows = [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": ""}]
     with pytest.raises(UserError, match=r"rows.jsonl: row 2: empty content.*bad_rows: drop"):
-        prepare([write_jsonl(tmp_path / "rows.jsonl", rows)], smol, max_length=64, out_dir=tmp_path / "o",
-                bad_rows="error")
+        prepare([write_jsonl(tmp_path / "rows.jsonl", rows)], smol, max_length=64, out_dir=tmp_path / "o", dataset=DatasetSection(bad_rows="error"))
 
 
 def long_rows(tmp_path: Path) -> Path:
@@ -151,7 +151,7 @@ def long_rows(tmp_path: Path) -> Path:
 
 
 def test_truncate_policy_cuts_and_counts(smol, tmp_path):
-    prepared = prepare([long_rows(tmp_path)], smol, max_length=64, out_dir=tmp_path / "o", shuffle=False)
+    prepared = prepare([long_rows(tmp_path)], smol, max_length=64, out_dir=tmp_path / "o", dataset=DatasetSection(shuffle_dataset=False))
     stats = prepared.stats
     assert stats.long_rows == 2 and stats.truncated_rows == 1
     assert stats.dropped["no tokens with loss after truncation"].rows == ["long.jsonl row 2"]
@@ -160,14 +160,14 @@ def test_truncate_policy_cuts_and_counts(smol, tmp_path):
 
 
 def test_drop_policy_drops_long_rows(smol, tmp_path):
-    stats = prepare([long_rows(tmp_path)], smol, max_length=64, out_dir=tmp_path / "o", long_rows="drop").stats
+    stats = prepare([long_rows(tmp_path)], smol, max_length=64, out_dir=tmp_path / "o", dataset=DatasetSection(long_rows="drop")).stats
     assert stats.rows_kept == 1 and stats.dropped["longer than max_length"].count == 2
     assert stats.truncated_tokens == 0
 
 
 def test_error_policy_names_the_row_and_its_length(smol, tmp_path):
     with pytest.raises(UserError, match=r"long.jsonl: row 2 has [\d,]+ tokens, more than max_length 64"):
-        prepare([long_rows(tmp_path)], smol, max_length=64, out_dir=tmp_path / "o", long_rows="error")
+        prepare([long_rows(tmp_path)], smol, max_length=64, out_dir=tmp_path / "o", dataset=DatasetSection(long_rows="error"))
 
 
 def test_every_file_is_used_and_reported(smol, tmp_path):
@@ -189,7 +189,7 @@ def test_split_is_seeded_and_sized(smol, tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(20)])
 
     def split(seed: int, out: str):
-        p = prepare([path], smol, max_length=64, out_dir=tmp_path / out, seed=seed, train_test_split=0.8)
+        p = prepare([path], smol, max_length=64, out_dir=tmp_path / out, dataset=DatasetSection(shuffle_seed=seed, train_test_split=0.8))
         return [p.train[i][0] for i in range(len(p.train))], [p.eval[i][0] for i in range(len(p.eval))]
 
     first, again, other = split(1, "a"), split(1, "b"), split(2, "c")

@@ -17,8 +17,8 @@ import pytest
 from safetensors.torch import load_file
 
 from test_run import ROWS, configmap, unpack_layout, workspace
-from tuner.presets import get_preset
-from tuner.training_config import build_config, load_config_file
+from tuner.spec.presets import get_preset
+from tuner.spec.training_config import build_config, load_config_file
 
 TIMEOUT = 300  # seconds for a whole launch
 STEPS = 6  # test_run's configmap: max_steps 6, logging_steps 2
@@ -150,7 +150,7 @@ def test_a_user_error_before_training_stops_every_node_with_exit_code_2(tmp_path
     port = free_port()
     commands = [[*torchrun(["--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
                             f"--master_port={port}"], job, tmp_path / f"node{rank}", tmp_path / f"layout{rank}",
-                           launcher="tuner.distributed"),
+                           launcher="tuner.train.distributed"),
                  *(["--skip-fetch"] if rank == 0 else [])]
                 for rank in (0, 1)]
     (code0, log0), (code1, log1) = run_together(commands, tmp_path)
@@ -180,7 +180,7 @@ def test_sigterm_gives_workers_time_to_save_and_exits_retryable(tmp_path, shutdo
     env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
     if shutdown_timeout:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_timeout
-    launcher = subprocess.Popen([sys.executable, "-m", "tuner.distributed", "--standalone", "--nproc_per_node=1",
+    launcher = subprocess.Popen([sys.executable, "-m", "tuner.train.distributed", "--standalone", "--nproc_per_node=1",
                                  str(tmp_path / "worker.py"), str(tmp_path)], env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -214,7 +214,7 @@ def test_two_nodes_preempted_resume_from_the_latest_checkpoint_both_hold(tmp_pat
     def start_both() -> list[Run]:
         port = free_port()
         return [Run([*args, "--work-dir", str(works[rank]), "--output", f"oci:{tmp_path / f'layout{rank}'}:v1"],
-                    tmp_path, [sys.executable, "-m", "tuner.distributed", "--nnodes=2", f"--node_rank={rank}",
+                    tmp_path, [sys.executable, "-m", "tuner.train.distributed", "--nnodes=2", f"--node_rank={rank}",
                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"], env)
                 for rank in (0, 1)]
 
@@ -249,7 +249,7 @@ def _decide_on_one_rank(rank: int, init_file: str, decisions) -> None:
     import torch.distributed as dist
     from transformers import TrainerControl, TrainerState
 
-    from tuner.checkpoints import CheckpointCallback, StopFlag
+    from tuner.train.checkpoints import CheckpointCallback, StopFlag
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

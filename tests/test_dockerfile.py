@@ -36,7 +36,7 @@ def test_every_bundled_folder_is_copied_into_the_build():
 
 
 def test_runs_as_the_non_root_user_the_job_expects():
-    from tuner.render import templates_dir
+    from tuner.kube.render import templates_dir
 
     assert re.search(r"^USER 1000$", DOCKERFILE, re.MULTILINE)
     assert "runAsUser: 1000" in (templates_dir() / "job.yaml").read_text()

@@ -14,8 +14,8 @@ import termios
 
 import pytest
 
-from tuner import events, termination
 from tuner.errors import UserError
+from tuner.observe import events, termination
 
 KEYS = {"type", "time", "level", "message"}
 

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
+from tuner.data.fetch import fetch_inputs
 from tuner.errors import UserError
-from tuner.fetch import fetch_inputs
-from tuner.spec import DataSource
+from tuner.spec.workspace import DataSource
 
 
 def test_every_url_is_downloaded_with_its_sha256(http_server, tmp_path):

@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tuner import fetch
+from tuner.data import fetch
+from tuner.data.fetch import fetch_inputs
 from tuner.errors import UserError
-from tuner.fetch import fetch_inputs
-from tuner.spec import DataSource
+from tuner.spec.workspace import DataSource
 
 BODY = b"".join(b'{"prompt": "p%d", "completion": "c"}\n' % i for i in range(20000))  # ~700 kB
 DIGEST = hashlib.sha256(BODY).hexdigest()

@@ -122,8 +122,8 @@ def pod_command(container: dict, mounts: dict[str, Path], replace: dict[str, str
 @pytest.mark.slow
 def test_a_volume_input_job_fetches_then_trains_with_the_volume_only_where_the_job_mounts_it(tmp_path,
                                                                                             tiny_model_dir):
-    from tuner.plan import plan_job
-    from tuner.render import RenderOptions, render
+    from tuner.kube.render import RenderOptions, render
+    from tuner.spec.plan import plan_job
 
     data = tmp_path / "datasets"
     data.mkdir()

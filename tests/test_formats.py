@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.errors import UserError
-from tuner.formats import (
+from tuner.data.formats import (
     EMPTY_CONTENT,
     MALFORMED,
     NO_ASSISTANT,
@@ -20,7 +19,8 @@ from tuner.formats import (
     detect_format,
     to_sample,
 )
-from tuner.readers import file_columns, iter_chunks
+from tuner.data.readers import file_columns, iter_chunks
+from tuner.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

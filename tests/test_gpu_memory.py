@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tuner import gpu_memory
 from tuner.errors import UserError
-from tuner.gpu_memory import GIB, check_fits, estimate, lora_parameters
-from tuner.gpus import lookup
-from tuner.plan import effective_max_length
-from tuner.presets import Preset, get_preset
-from tuner.training_config import build_config
+from tuner.kube import memory_fit
+from tuner.kube.gpus import lookup
+from tuner.kube.memory_fit import GIB, check_fits, estimate, lora_parameters
+from tuner.spec.config_sections import LoraSection
+from tuner.spec.plan import effective_max_length
+from tuner.spec.presets import Preset, get_preset
+from tuner.spec.training_config import build_config
 
 PHI3 = "phi-3-mini-4k-instruct"
 SMOL = "smollm2-135m-instruct"
@@ -42,7 +43,7 @@ def test_linear_parameters_are_the_networks_nn_linear_weights(name):
     model = meta_model(name)
     linear = sum(module.weight.numel() for path, module in model.named_modules()
                  if isinstance(module, torch.nn.Linear) and path != "lm_head")
-    assert gpu_memory.linear_parameters(get_preset(name).architecture) == linear
+    assert memory_fit.linear_parameters(get_preset(name).architecture) == linear
 
 
 @pytest.mark.parametrize(("name", "lora"), [
@@ -61,7 +62,7 @@ def test_lora_parameter_count_equals_what_peft_reports(name, lora):
     options = {"target_modules": list(preset.lora_target_modules)} | lora
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert lora_parameters(preset, lora) == trainable
+    assert lora_parameters(preset, LoraSection(**lora)) == trainable
 
 
 def saved_activation_bytes(shape: dict, layers: int, method: str, seq: int, tmp_path) -> int:
@@ -103,7 +104,7 @@ def test_activation_bytes_match_what_autograd_keeps_per_layer(method, shape, tmp
     seq = 256
     one, two = (saved_activation_bytes(shape, layers, method, seq, tmp_path) for layers in (1, 2))
     arch = get_preset(SMOL).architecture.model_copy(update=shape)
-    estimated = gpu_memory.activation_bytes_per_token_layer(arch, build_config(method), seq)
+    estimated = memory_fit.activation_bytes_per_token_layer(arch, build_config(method), seq)
     assert estimated == pytest.approx((two - one) / seq, rel=0.05)
 
 
@@ -143,7 +144,7 @@ def test_double_quantisation_saves_about_0_37_bits_per_linear_weight():
     double = estimate(preset, build_config("qlora"), 1024)
     single = estimate(preset, build_config("qlora", {"QuantizationConfig": {"bnb_4bit_use_double_quant": False}}), 1024)
     saved_bits = (single.base_weights - double.base_weights) * GIB * 8
-    assert saved_bits / gpu_memory.linear_parameters(preset.architecture) == pytest.approx(0.5 - 0.127)
+    assert saved_bits / memory_fit.linear_parameters(preset.architecture) == pytest.approx(0.5 - 0.127)
 
 
 def test_phi3_qlora_at_kaito_defaults_fits_a_v100_with_room():

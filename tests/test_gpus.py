@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuner.errors import UserError
-from tuner.gpus import GpuSku, known_instance_types, lookup, smallest_with
+from tuner.kube.gpus import GpuSku, known_instance_types, lookup, smallest_with
 
 
 @pytest.mark.parametrize(("name", "count", "model", "memory"), [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.image_ref import ImageRef, InvalidReference, parse_docker_ref
+from tuner.spec.image_ref import ImageRef, InvalidReference, parse_docker_ref
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 

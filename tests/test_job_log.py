@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import serving
 from test_run import unpack_layout, workspace
-from tuner.events import TYPES
+from tuner.observe.events import TYPES
 
 pytestmark = pytest.mark.slow
 
@@ -221,7 +221,8 @@ def test_the_termination_message_is_the_outcome(json_run):
 
 
 def test_the_image_annotations_carry_the_real_runs_losses(json_run):
-    from tuner.oci import OciLayoutTarget, read_layout_manifest
+    from tuner.oci.image import read_layout_manifest
+    from tuner.spec.targets import OciLayoutTarget
 
     tmp_path, _, _ = json_run
     summary = json.loads((tmp_path / "work" / "result.json").read_text())

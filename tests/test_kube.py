@@ -33,10 +33,11 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tuner import kube
 from tuner.errors import UserError
-from tuner.events import last_progress_line
-from tuner.termination import describe_result
+from tuner.kube import api as kube_api
+from tuner.kube import submit, watch
+from tuner.observe.events import last_progress_line
+from tuner.observe.termination import describe_result
 
 NS = "tuning"
 WS = "demo"
@@ -64,7 +65,7 @@ def manifests(*, lr: str = "2e-4", service: bool = True, pvc: bool = True) -> li
     if pvc:
         objects.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                         "metadata": {"name": f"{WS}-work", "labels": labels,
-                                     "annotations": {kube.OWNED_BY_JOB: "true"}},
+                                     "annotations": {submit.OWNED_BY_JOB: "true"}},
                         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "50Gi"}}}})
     return objects
 
@@ -149,7 +150,7 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 @pytest.mark.asyncio
 async def test_submit_creates_configmap_service_job_then_owned_pvc(cluster, api):
     given = manifests()
-    result = await asyncio.to_thread(kube.submit, api, given, NS)
+    result = await asyncio.to_thread(submit.submit, api, given, NS)
 
     assert result.created == [f"ConfigMap/{JOB}", f"Service/{JOB}", f"Job/{JOB}", f"PersistentVolumeClaim/{WS}-work"]
     assert result.unchanged == [] and result.replaced == [] and result.changed
@@ -157,7 +158,7 @@ async def test_submit_creates_configmap_service_job_then_owned_pvc(cluster, api)
                                   f"POST /apis/batch/v1/namespaces/{NS}/jobs",
                                   f"POST /api/v1/namespaces/{NS}/persistentvolumeclaims"]
     job = cluster.objects["batch/v1/jobs", NS, JOB]
-    assert job["metadata"]["annotations"] == {kube.SPEC_DIGEST: result.digest}
+    assert job["metadata"]["annotations"] == {submit.SPEC_DIGEST: result.digest}
     assert dict(job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]) == {"nvidia.com/gpu": 1}
     pvc = cluster.objects["v1/persistentvolumeclaims", NS, f"{WS}-work"]
     assert pvc["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job", "name": JOB,
@@ -169,9 +170,9 @@ async def test_submit_creates_configmap_service_job_then_owned_pvc(cluster, api)
 
 @pytest.mark.asyncio
 async def test_resubmitting_the_same_spec_changes_nothing(cluster, api):
-    first = await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    first = await asyncio.to_thread(submit.submit, api, manifests(), NS)
     before = len(list(cluster))
-    again = await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    again = await asyncio.to_thread(submit.submit, api, manifests(), NS)
 
     assert again.digest == first.digest and not again.changed
     assert again.unchanged == first.created
@@ -180,10 +181,10 @@ async def test_resubmitting_the_same_spec_changes_nothing(cluster, api):
 
 @pytest.mark.asyncio
 async def test_a_changed_spec_needs_replace(cluster, api):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     before = len(list(cluster))
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.submit, api, manifests(lr="1e-4"), NS)
+        await asyncio.to_thread(submit.submit, api, manifests(lr="1e-4"), NS)
     text = one_line(exc)
     assert f"Job {JOB} in namespace {NS} exists with a different spec" in text and "--replace" in text
     assert mutations(cluster, before) == []
@@ -191,10 +192,10 @@ async def test_a_changed_spec_needs_replace(cluster, api):
 
 @pytest.mark.asyncio
 async def test_replace_deletes_the_old_job_and_its_pvc_then_creates_the_new_spec(cluster, api):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     old_uid = job_uid(cluster)
     before = len(list(cluster))
-    result = await asyncio.to_thread(kube.submit, api, manifests(lr="1e-4"), NS, replace=True, poll_interval=0.01)
+    result = await asyncio.to_thread(submit.submit, api, manifests(lr="1e-4"), NS, replace=True, poll_interval=0.01)
 
     assert sorted(result.replaced) == sorted([f"ConfigMap/{JOB}", f"Service/{JOB}", f"Job/{JOB}",
                                               f"PersistentVolumeClaim/{WS}-work"])
@@ -206,7 +207,7 @@ async def test_replace_deletes_the_old_job_and_its_pvc_then_creates_the_new_spec
     assert deletes[1].url.path == f"/api/v1/namespaces/{NS}/persistentvolumeclaims/{WS}-work"
     new_uid = job_uid(cluster)
     assert new_uid != old_uid
-    assert cluster.objects["batch/v1/jobs", NS, JOB]["metadata"]["annotations"][kube.SPEC_DIGEST] == result.digest
+    assert cluster.objects["batch/v1/jobs", NS, JOB]["metadata"]["annotations"][submit.SPEC_DIGEST] == result.digest
     assert cluster.objects["v1/configmaps", NS, JOB]["data"]["training_config.yaml"] == "learning_rate: 1e-4\n"
     pvc = cluster.objects["v1/persistentvolumeclaims", NS, f"{WS}-work"]
     assert [ref["uid"] for ref in pvc["metadata"]["ownerReferences"]] == [new_uid]
@@ -214,12 +215,12 @@ async def test_replace_deletes_the_old_job_and_its_pvc_then_creates_the_new_spec
 
 @pytest.mark.asyncio
 async def test_replace_gives_up_when_the_old_job_is_not_deleted_in_time(cluster, api):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     lingering = dict(cluster.objects["batch/v1/jobs", NS, JOB].raw)
     # A Job whose pods do not terminate: it stays (with a deletionTimestamp) however often it is read.
     cluster["get", cluster.resource("batch/v1/jobs"), cluster.name(JOB)] << lingering
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.submit, api, manifests(lr="1e-4"), NS, replace=True,
+        await asyncio.to_thread(submit.submit, api, manifests(lr="1e-4"), NS, replace=True,
                                 wait_timeout=0.3, poll_interval=0.05)
     assert f"Job {JOB} in namespace {NS} is still being deleted after 0.3s" in one_line(exc)
     assert len([r for r in cluster if r.method.value == "GET" and r.url.path.endswith(f"/jobs/{JOB}")]) > 2
@@ -227,11 +228,11 @@ async def test_replace_gives_up_when_the_old_job_is_not_deleted_in_time(cluster,
 
 @pytest.mark.asyncio
 async def test_submit_after_cancel_recreates_the_pvc_left_for_the_garbage_collector(cluster, api):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
-    await asyncio.to_thread(kube.cancel, api, JOB, NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.cancel, api, JOB, NS)
     # kmock has no garbage collector: the PVC owned by the deleted Job is still there, as right after a
     # real `cancel`. The same spec again must not keep it (it would be collected under the new Job).
-    result = await asyncio.to_thread(kube.submit, api, manifests(), NS, poll_interval=0.01)
+    result = await asyncio.to_thread(submit.submit, api, manifests(), NS, poll_interval=0.01)
 
     assert result.created == [f"Job/{JOB}"]
     assert sorted(result.unchanged) == [f"ConfigMap/{JOB}", f"Service/{JOB}"]
@@ -244,7 +245,7 @@ async def test_submit_after_cancel_recreates_the_pvc_left_for_the_garbage_collec
 async def test_a_job_not_made_by_tuner_is_never_replaced(cluster, api):
     cluster.objects["batch/v1/jobs", NS, JOB] = {"metadata": {"name": JOB, "namespace": NS, "uid": "u1"}}
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.submit, api, manifests(), NS, replace=True)
+        await asyncio.to_thread(submit.submit, api, manifests(), NS, replace=True)
     assert f"Job {JOB} in namespace {NS} exists and was not created by tuner" in one_line(exc)
     assert mutations(cluster) == []
 
@@ -253,19 +254,19 @@ async def test_a_job_not_made_by_tuner_is_never_replaced(cluster, api):
 async def test_a_foreign_configmap_of_the_same_name_is_refused(cluster, api):
     cluster.objects["v1/configmaps", NS, JOB] = {"metadata": {"name": JOB, "namespace": NS}, "data": {}}
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.submit, api, manifests(), NS)
+        await asyncio.to_thread(submit.submit, api, manifests(), NS)
     assert f"ConfigMap {JOB} in namespace {NS} exists and was not created by tuner" in one_line(exc)
     assert mutations(cluster) == []
 
 
 def test_spec_digest_ignores_order_and_its_own_annotation():
     objects = manifests()
-    digest = kube.spec_digest(objects)
-    assert kube.spec_digest(list(reversed(objects))) == digest
+    digest = submit.spec_digest(objects)
+    assert submit.spec_digest(list(reversed(objects))) == digest
     annotated = manifests()
-    annotated[0]["metadata"]["annotations"] = {kube.SPEC_DIGEST: "stale"}
-    assert kube.spec_digest(annotated) == digest
-    assert kube.spec_digest(manifests(lr="1e-4")) != digest
+    annotated[0]["metadata"]["annotations"] = {submit.SPEC_DIGEST: "stale"}
+    assert submit.spec_digest(annotated) == digest
+    assert submit.spec_digest(manifests(lr="1e-4")) != digest
 
 
 # ---------------------------------------------------------------------------------------------------- status
@@ -369,13 +370,13 @@ def terminated(outcome: dict | str, exit_code: int = 0) -> list[dict]:
 
 @pytest.mark.asyncio
 async def test_status_result_is_the_newest_pods_termination_message(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Failed",
             containerStatuses=terminated(PREEMPTED, 143))
     add_pod(cluster, f"{JOB}-b", "2026-01-01T00:05:00Z", phase="Succeeded", containerStatuses=terminated(SUCCEEDED))
     pod_logs[f"{JOB}-b", "tuner"] = PROGRESS_LOG
     before = len(list(cluster))
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
 
     assert status.result == (
         "succeeded: 40/40 steps, 4.00 epochs, 9,900 tokens | train loss 0.5120 | eval loss base 3.2100 -> "
@@ -386,38 +387,38 @@ async def test_status_result_is_the_newest_pods_termination_message(cluster, api
 
 @pytest.mark.asyncio
 async def test_status_result_skips_a_newer_pod_that_is_still_running(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Failed",
             containerStatuses=terminated(PREEMPTED, 143))
     add_pod(cluster, f"{JOB}-b", "2026-01-01T00:05:00Z",
             containerStatuses=[{"name": "tuner", "state": {"running": {"startedAt": "2026-01-01T00:05:10Z"}}}])
     pod_logs[f"{JOB}-b", "tuner"] = PROGRESS_LOG
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
 
     assert status.result == "preempted at step 17/40: resumes from checkpoint-17 on retry"
 
 
 @pytest.mark.asyncio
 async def test_status_result_is_none_before_any_tuner_container_terminates(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z")
     pod_logs[f"{JOB}-a", "tuner"] = PROGRESS_LOG
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
 
     assert status.result is None
 
 
 @pytest.mark.asyncio
 async def test_status_pending_before_any_pod_starts(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Pending", conditions=[
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
          "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}])
     cluster.objects["batch/v1/jobs", NS, JOB].patch({"status": {"active": 1}})
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
 
     assert status.phase == "Pending" and status.active == 1 and status.retries == 0
-    assert status.condition("JobStarted") == kube.Condition(
+    assert status.condition("JobStarted") == watch.Condition(
         "JobStarted", "False", "PodsPending", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
     assert status.condition("WorkspaceSucceeded") is None
     assert status.progress is None
@@ -425,7 +426,7 @@ async def test_status_pending_before_any_pod_starts(cluster, api, pod_logs):
 
 @pytest.mark.asyncio
 async def test_status_running_with_the_latest_progress_line(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     uid = job_uid(cluster)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Failed", uid=uid)
     add_pod(cluster, f"{JOB}-b", "2026-01-01T00:05:00Z", uid=uid)
@@ -434,7 +435,7 @@ async def test_status_running_with_the_latest_progress_line(cluster, api, pod_lo
     pod_logs[f"{JOB}-b", "tuner"] = PROGRESS_LOG
     cluster.objects["batch/v1/jobs", NS, JOB].patch({"status": {"active": 1, "failed": 1,
                                                                 "startTime": "2026-01-01T00:00:30Z"}})
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
 
     assert status.phase == "Running"
     assert (status.active, status.retries) == (1, 1)
@@ -448,32 +449,32 @@ async def test_status_running_with_the_latest_progress_line(cluster, api, pod_lo
 
 @pytest.mark.asyncio
 async def test_status_succeeded(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Succeeded")
     pod_logs[f"{JOB}-a", "tuner"] = PROGRESS_LOG + "15:16:27 step 40/40 (100%) | epoch 4.00 | eta 0s\n15:16:30 pushed\n"
     cluster.objects["batch/v1/jobs", NS, JOB].patch({"status": {
         "succeeded": 1, "completionTime": "2026-01-01T00:20:00Z",
         "conditions": [{"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
                        {"type": "Complete", "status": "True", "reason": "CompletionsReached"}]}})
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
 
     assert status.phase == "Succeeded" and status.active == 0
-    assert status.condition("WorkspaceSucceeded") == kube.Condition("WorkspaceSucceeded", "True", "CompletionsReached")
+    assert status.condition("WorkspaceSucceeded") == watch.Condition("WorkspaceSucceeded", "True", "CompletionsReached")
     assert status.progress == "15:16:27 step 40/40 (100%) | epoch 4.00 | eta 0s"
     assert status.completion_time == "2026-01-01T00:20:00Z"
 
 
 @pytest.mark.asyncio
 async def test_status_failed_counts_the_retries(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     cluster.objects["batch/v1/jobs", NS, JOB].patch({"status": {"failed": 4, "conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
          "message": "Job has reached the specified backoff limit"}]}})
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
 
     assert status.phase == "Failed" and status.retries == 4
     assert status.condition("JobStarted").status == "True"
-    assert status.condition("WorkspaceSucceeded") == kube.Condition(
+    assert status.condition("WorkspaceSucceeded") == watch.Condition(
         "WorkspaceSucceeded", "False", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
 
 
@@ -482,7 +483,7 @@ async def test_status_failed_counts_the_retries(cluster, api, pod_logs):
 
 @pytest.mark.asyncio
 async def test_logs_prints_each_pod_oldest_first_fetch_then_tuner(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-new", "2026-01-01T00:05:00Z", phase="Pending")
     add_pod(cluster, f"{JOB}-old", "2026-01-01T00:01:00Z", phase="Failed")
     add_pod(cluster, "other-job-x", "2026-01-01T00:02:00Z", job="other-job")
@@ -490,7 +491,7 @@ async def test_logs_prints_each_pod_oldest_first_fetch_then_tuner(cluster, api, 
     pod_logs[f"{JOB}-old", "tuner"] = "train: 40 steps\nCUDA out of memory"  # no final newline
     pod_logs[f"{JOB}-new", "fetch"] = "fetching...\n"
     out = io.StringIO()
-    shown = await asyncio.to_thread(kube.logs, api, JOB, NS, out=out)
+    shown = await asyncio.to_thread(watch.logs, api, JOB, NS, out=out)
 
     assert shown == 2
     assert out.getvalue() == (
@@ -503,7 +504,7 @@ async def test_logs_prints_each_pod_oldest_first_fetch_then_tuner(cluster, api, 
 
 @pytest.mark.asyncio
 async def test_logs_follow_streams_the_newest_pod(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-old", "2026-01-01T00:01:00Z", phase="Failed")
     add_pod(cluster, f"{JOB}-new", "2026-01-01T00:05:00Z")
     pod_logs[f"{JOB}-old", "fetch"] = "old fetch\n"
@@ -511,7 +512,7 @@ async def test_logs_follow_streams_the_newest_pod(cluster, api, pod_logs):
     pod_logs[f"{JOB}-new", "fetch"] = ["new fetch\n"]
     pod_logs[f"{JOB}-new", "tuner"] = ["15:00:01 step 1/4 (25%) | a\n15:00:02 st", "ep 2/4 (50%) | b\n", "done"]
     out = io.StringIO()
-    await asyncio.to_thread(kube.logs, api, JOB, NS, follow=True, out=out)
+    await asyncio.to_thread(watch.logs, api, JOB, NS, follow=True, out=out)
 
     assert out.getvalue() == (
         f"==> pod {JOB}-old container fetch <==\nold fetch\n==> pod {JOB}-old container tuner <==\nold tuner\n"
@@ -524,10 +525,10 @@ async def test_logs_follow_streams_the_newest_pod(cluster, api, pod_logs):
 
 @pytest.mark.asyncio
 async def test_logs_follow_waits_for_the_container_to_start(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Pending")
     pod_logs[f"{JOB}-a", "fetch"] = ["fetched\n"]
-    task = asyncio.create_task(asyncio.to_thread(kube.logs, api, JOB, NS, follow=True, out=(out := io.StringIO()),
+    task = asyncio.create_task(asyncio.to_thread(watch.logs, api, JOB, NS, follow=True, out=(out := io.StringIO()),
                                                  poll_interval=0.02))
     while len([r for r in cluster if r.params.get("container") == "tuner"]) < 3:  # answered 400: not started
         await asyncio.sleep(0.01)
@@ -538,19 +539,19 @@ async def test_logs_follow_waits_for_the_container_to_start(cluster, api, pod_lo
 
 @pytest.mark.asyncio
 async def test_logs_follow_gives_up_on_a_container_that_never_starts(cluster, api, pod_logs):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Pending")
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.logs, api, JOB, NS, follow=True, out=io.StringIO(), start_timeout=0.2,
+        await asyncio.to_thread(watch.logs, api, JOB, NS, follow=True, out=io.StringIO(), start_timeout=0.2,
                                 poll_interval=0.02)
     assert f"container fetch of pod {JOB}-a did not start within 0.2s" in one_line(exc)
 
 
 @pytest.mark.asyncio
 async def test_logs_of_a_job_without_pods(cluster, api):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     out = io.StringIO()
-    assert await asyncio.to_thread(kube.logs, api, JOB, NS, out=out) == 0
+    assert await asyncio.to_thread(watch.logs, api, JOB, NS, out=out) == 0
     assert out.getvalue() == f"(Job {JOB} has no pods yet)\n"
 
 
@@ -559,9 +560,9 @@ async def test_logs_of_a_job_without_pods(cluster, api):
 
 @pytest.mark.asyncio
 async def test_cancel_deletes_the_job_in_the_background(cluster, api):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     uid = job_uid(cluster)
-    await asyncio.to_thread(kube.cancel, api, JOB, NS)
+    await asyncio.to_thread(submit.cancel, api, JOB, NS)
 
     assert cluster.objects["batch/v1/jobs", NS, JOB].deleted
     (delete,) = [r for r in cluster if r.method.value == "DELETE"]
@@ -577,7 +578,7 @@ async def test_cancel_deletes_the_job_in_the_background(cluster, api):
 @pytest.mark.parametrize("call", ["status", "logs", "cancel"])
 async def test_a_missing_job_is_one_line(cluster, api, call):
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(getattr(kube, call), api, "nope", NS)
+        await asyncio.to_thread({"status": watch.status, "logs": watch.logs, "cancel": submit.cancel}[call], api, "nope", NS)
     assert one_line(exc).startswith(f"no tuning job nope in namespace {NS}; check the name and --namespace")
 
 
@@ -591,7 +592,7 @@ def forbidden(verb: str, resource: str, group: str = "") -> dict:
 async def test_forbidden_create_names_verb_resource_namespace_and_the_rbac_fix(cluster, api):
     cluster["post", cluster.resource("v1/configmaps")] << 403 << forbidden("create", "configmaps")
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.submit, api, manifests(), NS)
+        await asyncio.to_thread(submit.submit, api, manifests(), NS)
     text = one_line(exc)
     assert text.startswith(f"not allowed to create configmaps in namespace {NS}: configmaps is forbidden: "
                            'User "alice" cannot create resource "configmaps"')
@@ -602,7 +603,7 @@ async def test_forbidden_create_names_verb_resource_namespace_and_the_rbac_fix(c
 async def test_forbidden_read_of_jobs(cluster, api):
     cluster["get", cluster.resource("batch/v1/jobs")] << 403 << forbidden("get", "jobs", "batch")
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.status, api, JOB, NS)
+        await asyncio.to_thread(watch.status, api, JOB, NS)
     text = one_line(exc)
     assert text.startswith(f"not allowed to get jobs.batch in namespace {NS}: ")
     assert f"granting 'get' on 'jobs.batch' in namespace {NS}" in text
@@ -615,7 +616,7 @@ async def test_a_conflict_is_one_line(cluster, api):
         "apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "AlreadyExists", "code": 409,
         "message": f'jobs.batch "{JOB}" already exists'}
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.submit, api, manifests(), NS)
+        await asyncio.to_thread(submit.submit, api, manifests(), NS)
     assert one_line(exc) == (f'conflict on jobs.batch {JOB} in namespace {NS}: jobs.batch "{JOB}" already exists; '
                              "something else changed it at the same moment; run the command again")
 
@@ -626,7 +627,7 @@ async def test_an_invalid_manifest_is_one_line(cluster, api):
         "apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422,
         "message": f'Job.batch "{JOB}" is invalid: spec.template.spec.containers[0].image: Required value'}
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.submit, api, manifests(), NS)
+        await asyncio.to_thread(submit.submit, api, manifests(), NS)
     assert one_line(exc).startswith(f"the API server refused to create jobs.batch {JOB} in namespace {NS}: "
                                     f'Job.batch "{JOB}" is invalid')
 
@@ -640,9 +641,9 @@ def closed_port() -> int:
 def test_an_unreachable_server_names_the_url_and_the_kubeconfig(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}"
     config = write_kubeconfig(tmp_path, url)
-    api = kube.load_client(config, None)
+    api = kube_api.load_client(config, None)
     with pytest.raises(UserError) as exc:
-        kube.status(api, JOB, NS)
+        watch.status(api, JOB, NS)
     text = one_line(exc)
     assert text.startswith(f"cannot reach the Kubernetes API server at {url}: ")
     assert "Connection refused" in text and f"kubeconfig {config}" in text
@@ -653,7 +654,7 @@ async def test_a_tls_failure_names_the_url(kmock):
     url = f"https://127.0.0.1:{kmock.url.port}"  # kmock speaks plain HTTP
     api = client.ApiClient(client.Configuration(host=url))
     with pytest.raises(UserError) as exc:
-        await asyncio.to_thread(kube.cancel, api, JOB, NS)
+        await asyncio.to_thread(submit.cancel, api, JOB, NS)
     text = one_line(exc)
     assert text.startswith(f"TLS with the Kubernetes API server at {url} failed: ") and "SSL" in text
     assert "check the server URL and certificate-authority data" in text
@@ -663,7 +664,7 @@ def test_an_unknown_host_names_the_url():
     url = "https://tuner-test.invalid:6443"  # .invalid never resolves (RFC 6761)
     api = client.ApiClient(client.Configuration(host=url))
     with pytest.raises(UserError) as exc:
-        kube.status(api, JOB, NS)
+        watch.status(api, JOB, NS)
     assert one_line(exc).startswith(f"cannot reach the Kubernetes API server at {url}: cannot resolve the host name")
 
 
@@ -683,52 +684,52 @@ def write_kubeconfig(tmp_path: Path, server: str, token: str = "t0ken") -> Path:
 
 @pytest.mark.asyncio
 async def test_load_client_from_a_kubeconfig_and_context(cluster, tmp_path):
-    api = kube.load_client(write_kubeconfig(tmp_path, str(cluster.url).rstrip("/")), "other")
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    api = kube_api.load_client(write_kubeconfig(tmp_path, str(cluster.url).rstrip("/")), "other")
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     assert {r.headers.get("Authorization") for r in cluster} == {"Bearer t0ken"}
 
 
 @pytest.mark.asyncio
 async def test_load_client_reads_the_kubeconfig_environment_variable(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, str(cluster.url).rstrip("/"))))
-    api = kube.load_client(None, None)
-    result = await asyncio.to_thread(kube.submit, api, manifests(pvc=False), NS)
+    api = kube_api.load_client(None, None)
+    result = await asyncio.to_thread(submit.submit, api, manifests(pvc=False), NS)
     assert result.created
 
 
 def test_load_client_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError) as exc:
-        kube.load_client(tmp_path / "missing", None)
+        kube_api.load_client(tmp_path / "missing", None)
     assert one_line(exc) == (f"kubeconfig {tmp_path / 'missing'} does not exist; "
                              "pass --kubeconfig PATH of a kubeconfig file")
 
     config = write_kubeconfig(tmp_path, "https://k8s.example:6443")
     with pytest.raises(UserError) as exc:
-        kube.load_client(config, "nope")
+        kube_api.load_client(config, "nope")
     assert one_line(exc).startswith(f"cannot use context 'nope' of kubeconfig {config}: ")
 
     broken = tmp_path / "broken"
     broken.write_text("clusters: [unclosed\n")
     with pytest.raises(UserError) as exc:
-        kube.load_client(broken, None)
+        kube_api.load_client(broken, None)
     assert one_line(exc).startswith(f"cannot use kubeconfig {broken}: ")
 
     empty = tmp_path / "empty"
     empty.write_text("")
     with pytest.raises(UserError) as exc:
-        kube.load_client(empty, None)
+        kube_api.load_client(empty, None)
     assert one_line(exc).startswith(f"cannot use kubeconfig {empty}: ")
 
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(UserError) as exc:
-        kube.load_client(None, None)
+        kube_api.load_client(None, None)
     assert one_line(exc).startswith("no Kubernetes configuration: KUBECONFIG is unset, ~/.kube/config does not exist")
 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "nowhere"))
     with pytest.raises(UserError) as exc:
-        kube.load_client(None, None)
+        kube_api.load_client(None, None)
     assert one_line(exc).startswith(f"KUBECONFIG={tmp_path / 'nowhere'} names no existing file")
 
 
@@ -791,22 +792,22 @@ def failed_init(message: str) -> dict:
 
 @pytest.mark.asyncio
 async def test_status_result_reads_a_failed_fetch_init_container(cluster, api, pod_logs, failed_fetch_message):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-a", "2026-01-01T00:01:00Z", phase="Failed", **failed_init(failed_fetch_message))
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
     assert status.result.startswith("failed (exit 2, user_error): ")
     assert "missing.parquet" in status.result and "404" in status.result
 
 
 @pytest.mark.asyncio
 async def test_status_result_prefers_index_0_of_a_multi_node_job(cluster, api, pod_logs, failed_fetch_message):
-    await asyncio.to_thread(kube.submit, api, manifests(), NS)
+    await asyncio.to_thread(submit.submit, api, manifests(), NS)
     add_pod(cluster, f"{JOB}-0-a", "2026-01-01T00:01:00Z", phase="Failed", **failed_init(failed_fetch_message))
     cluster.objects["v1/pods", NS, f"{JOB}-0-a"].patch(
-        {"metadata": {"annotations": {kube.COMPLETION_INDEX: "0"}}})
+        {"metadata": {"annotations": {watch.COMPLETION_INDEX: "0"}}})
     # a worker created a moment later, stopped without a message of its own
     add_pod(cluster, f"{JOB}-1-b", "2026-01-01T00:01:02Z", phase="Failed",
             containerStatuses=[{"name": "tuner", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}])
-    cluster.objects["v1/pods", NS, f"{JOB}-1-b"].patch({"metadata": {"labels": {kube.COMPLETION_INDEX: "1"}}})
-    status = await asyncio.to_thread(kube.status, api, JOB, NS)
+    cluster.objects["v1/pods", NS, f"{JOB}-1-b"].patch({"metadata": {"labels": {watch.COMPLETION_INDEX: "1"}}})
+    status = await asyncio.to_thread(watch.status, api, JOB, NS)
     assert status.result.startswith("failed (exit 2, user_error): ") and "404" in status.result

@@ -72,8 +72,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_reader_sees_real_imports():
     graph = import_graph()
-    assert {"tuner.plan", "tuner.fetch", "tuner.events"} <= graph["tuner.run"]  # module and function level
-    assert "tuner.plan" in graph["tuner.summary"]  # under TYPE_CHECKING
+    assert {"tuner.spec.plan", "tuner.data.fetch", "tuner.observe.events"} <= graph["tuner.job"]  # module and function level
+    assert "tuner.spec.plan" in graph["tuner.observe.summary"]  # under TYPE_CHECKING
 
 
 def test_no_module_imports_itself_through_others():
@@ -86,7 +86,7 @@ def test_no_module_imports_itself_through_others():
 def test_the_spec_depends_on_no_stage():
     """The Workspace is read and checked before any stage runs: it may use the shared error type and
     the rules it applies, nothing that fetches, prepares, trains, packages or renders."""
-    assert import_graph()["tuner.spec"] <= {"tuner.errors", "tuner.image_ref", "tuner.k8s_names", "tuner.yamlio"}
+    assert import_graph()["tuner.spec.workspace"] <= {"tuner.errors", "tuner.spec.image_ref", "tuner.k8s_names", "tuner.spec.yamlio"}
 
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "trl")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from tuner import library_keys
+from tuner.spec import library_keys
 
 
 def test_the_keys_file_matches_the_installed_libraries():

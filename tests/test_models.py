@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tuner.errors import UserError
-from tuner.models import resolve_base_model
-from tuner.presets import get_preset
+from tuner.spec.presets import get_preset
+from tuner.train.base_model import resolve_base_model
 
 
 @pytest.fixture(autouse=True)

@@ -18,18 +18,9 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from tuner.errors import UserError
-from tuner.oci import (
-    LAYER_MEDIA_TYPE,
-    Blob,
-    OciLayoutTarget,
-    RegistryTarget,
-    blob_path,
-    build_adapter_image,
-    parse_output_ref,
-    read_oci_layout,
-    write_oci_layout,
-)
-from tuner.unpack import unpack_data_dir
+from tuner.oci.image import LAYER_MEDIA_TYPE, Blob, blob_path, build_adapter_image, read_oci_layout, write_oci_layout
+from tuner.oci.unpack import unpack_data_dir
+from tuner.spec.targets import OciLayoutTarget, RegistryTarget, parse_output_ref
 
 LABELS = {"kaito.sh/base-model": "phi-3-mini", "org.opencontainers.image.version": "0.0.1"}
 ANNOTATIONS = {"org.opencontainers.image.title": "phi3-adapter"}

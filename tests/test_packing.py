@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuner.packing import (
+from tuner.data.packing import (
     IGNORE,
     PackedDataset,
     PackingCollator,
@@ -16,7 +16,7 @@ from tuner.packing import (
     padded_tokens,
     should_pack,
 )
-from tuner.presets import get_preset
+from tuner.spec.presets import get_preset
 
 # (prompt, answer): an answer trains on its tokens only (chat-like); None trains on every token (plain text)
 TEXTS = [

@@ -6,22 +6,23 @@ import pytest
 import torch
 import yaml
 
-from tuner.gpus import lookup
-from tuner.precision import choose_precision, for_sku
-from tuner.training_config import build_config
+from tuner.kube.gpus import lookup
+from tuner.kube.sku_precision import for_sku
+from tuner.spec.training_config import build_config
+from tuner.train.precision import choose_precision
 
 
 def test_v100_turns_kaitos_bf16_defaults_into_fp16():
     config, notes = for_sku(build_config("qlora"), lookup("Standard_NC6s_v3"))
-    assert config.model["torch_dtype"] == "float16"
-    assert config.quantization["bnb_4bit_compute_dtype"] == "float16"
-    assert config.training_arguments["fp16"] is True and "bf16" not in config.training_arguments
+    assert config.model.torch_dtype == "float16"
+    assert config.quantization.bnb_4bit_compute_dtype == "float16"
+    assert config.training_arguments.fp16 is True and "bf16" not in config.training_arguments.values()
     assert len(notes) == 3 and all("Standard_NC6s_v3 (V100) has no bf16" in note for note in notes)
 
 
 def test_an_explicit_bf16_flag_becomes_fp16_on_a_t4():
     config, notes = for_sku(build_config("lora", {"TrainingArguments": {"bf16": True}}), lookup("g4dn.xlarge"))
-    assert config.training_arguments["fp16"] is True and "bf16" not in config.training_arguments
+    assert config.training_arguments.fp16 is True and "bf16" not in config.training_arguments.values()
     assert "TrainingArguments.bf16 true -> fp16 true" in notes[-1]
 
 
@@ -32,14 +33,14 @@ def test_a_bf16_gpu_keeps_the_config_unchanged():
 
 def test_float32_training_on_a_v100_gets_no_fp16_flag():
     config, notes = for_sku(build_config("lora", {"ModelConfig": {"torch_dtype": "float32"}}), lookup("p3.2xlarge"))
-    assert config.model["torch_dtype"] == "float32" and "fp16" not in config.training_arguments
+    assert config.model.torch_dtype == "float32" and "fp16" not in config.training_arguments.values()
     assert notes == []
 
 
 def test_for_sku_leaves_the_input_config_alone():
     config = build_config("qlora")
     for_sku(config, lookup("Standard_NC6s_v3"))
-    assert config.model["torch_dtype"] == "bfloat16" and "fp16" not in config.training_arguments
+    assert config.model.torch_dtype == "bfloat16" and "fp16" not in config.training_arguments.values()
 
 
 def fake_cuda(monkeypatch, *, bf16: bool, name: str):
@@ -82,7 +83,7 @@ def test_runtime_on_cpu_is_still_float32(monkeypatch):
 
 
 def test_a_configured_compute_dtype_is_kept_on_a_gpu_that_runs_it(monkeypatch):
-    from tuner.train import quantization_config
+    from tuner.train.trainer import quantization_config
 
     fake_cuda(monkeypatch, bf16=True, name="NVIDIA A100-SXM4-80GB")
     config = build_config("qlora", {"QuantizationConfig": {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}})
@@ -91,7 +92,7 @@ def test_a_configured_compute_dtype_is_kept_on_a_gpu_that_runs_it(monkeypatch):
 
 
 def test_a_bf16_compute_dtype_becomes_fp16_on_a_v100_and_says_so(monkeypatch, capsys):
-    from tuner.train import quantization_config
+    from tuner.train.trainer import quantization_config
 
     fake_cuda(monkeypatch, bf16=False, name="Tesla V100-PCIE-16GB")
     assert quantization_config(build_config("qlora")).bnb_4bit_compute_dtype == torch.float16
@@ -100,9 +101,9 @@ def test_a_bf16_compute_dtype_becomes_fp16_on_a_v100_and_says_so(monkeypatch, ca
 
 
 def training_arguments(config, tmp_path):
-    from tuner.train import _training_arguments
+    from tuner.train.trainer import _training_arguments
 
-    return _training_arguments(config, choose_precision(config.model.get("torch_dtype")), tmp_path,
+    return _training_arguments(config, choose_precision(config.model.torch_dtype), tmp_path,
                                has_eval=False, packed=False)
 
 
@@ -116,7 +117,7 @@ def test_a_users_mixed_precision_flag_is_honoured_not_overwritten(tmp_path, caps
 
 
 def test_the_fp16_render_writes_for_a_v100_is_read_at_run_time(tmp_path):
-    from tuner.training_config import load_config_file
+    from tuner.spec.training_config import load_config_file
 
     rendered, _ = for_sku(build_config("lora"), lookup("Standard_NC6s_v3"))
     path = tmp_path / "training_config.yaml"  # what the ConfigMap holds and `tuner run --config` reads

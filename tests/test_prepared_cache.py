@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tuner import prepared_cache
-from tuner.data import STORE_FILE, prepare
+from tuner.data import prepared_cache
+from tuner.data.prepare import STORE_FILE, prepare
+from tuner.spec.config_sections import DatasetSection
 
 PHI3 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "phi-3-mini-4k-instruct"
 ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
@@ -32,7 +33,7 @@ def prepared_dir(tmp_path, tokenizer) -> Path:
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp_path / "prepared"
-    data = prepare([rows], tokenizer, max_length=64, out_dir=out, train_test_split=0.8)
+    data = prepare([rows], tokenizer, max_length=64, out_dir=out, dataset=DatasetSection(train_test_split=0.8))
     prepared_cache.save(out, prepared_cache.cache_key(FILES, tokenizer, DATASET, 64), data)
     return out
 

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuner.errors import UserError
-from tuner.presets import all_presets, get_preset
+from tuner.spec.presets import all_presets, get_preset
 
 PRESETS = sorted(all_presets())
 

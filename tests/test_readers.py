@@ -15,9 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from tuner import readers
-from tuner.errors import UserError
-from tuner.readers import (
+from tuner.data import readers
+from tuner.data.readers import (
     INVALID_JSON,
     INVALID_UTF8,
     NOT_AN_OBJECT,
@@ -26,6 +25,7 @@ from tuner.readers import (
     file_columns,
     iter_chunks,
 )
+from tuner.errors import UserError
 
 ROWS = [{"prompt": f"question {i}?", "completion": f"answer {i}."} for i in range(5)]
 
@@ -292,7 +292,7 @@ def test_large_parquet_is_read_a_row_group_at_a_time(tmp_path):
     path = tmp_path / "big.parquet"
     text = pa.array([f"row {i} " + "y" * 200 for i in range(200_000)])
     pq.write_table(pa.table({"text": text}), path, row_group_size=10_000, compression="none")
-    script = ("import sys, pyarrow as pa; from tuner.readers import iter_chunks; "
+    script = ("import sys, pyarrow as pa; from tuner.data.readers import iter_chunks; "
               "rows = sum(len(c.rows) for c in iter_chunks(sys.argv[1])); "
               "print(rows, pa.default_memory_pool().max_memory())")
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)

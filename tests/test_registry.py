@@ -18,9 +18,10 @@ import pytest
 from registry_support import FaultProxy, RegistryServer, TokenAuthProxy, skopeo, skopeo_auth_args
 from tuner import cli
 from tuner.errors import UserError
-from tuner.publish import publish
-from tuner.registry import RegistryOptions, pull_image
-from tuner.unpack import unpack_data_dir
+from tuner.oci.publish import publish
+from tuner.oci.registry import pull_image
+from tuner.oci.unpack import unpack_data_dir
+from tuner.spec.targets import RegistryOptions
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_summary.json")
 
@@ -156,7 +157,7 @@ def test_unchanged_repush_uploads_no_bytes(work_dir, fault_proxy, tmp_path, monk
 
 
 def test_large_blobs_go_up_in_bounded_chunks(work_dir, proxy_auth, monkeypatch):
-    monkeypatch.setattr("tuner.registry._UPLOAD_CHUNK", 4096)
+    monkeypatch.setattr("tuner.oci.registry._UPLOAD_CHUNK", 4096)
     ref = repo(proxy_auth) + ":v1"
     digest = pushed_digest(work_dir, ref, plain_options(proxy_auth.host))
     patches = [r.body_bytes for r in proxy_auth.requests if r.method == "PATCH"]
@@ -273,7 +274,7 @@ def test_bearer_token_flow_with_an_identity_token(work_dir, token_proxy, tmp_pat
 
 
 def test_an_expired_token_is_renewed_by_the_next_challenge(work_dir, token_proxy, tmp_path):
-    from tuner.registry import RegistryClient
+    from tuner.oci.registry import RegistryClient
 
     upstream = token_proxy.upstream
     config = token_config(tmp_path, token_proxy, {"username": upstream.username, "password": upstream.password})
@@ -445,8 +446,8 @@ def test_no_credential_reaches_any_output(work_dir, plain_auth, tmp_path, capsys
 # --- dataset images (tuning.input.image) ----------------------------------------------------------
 
 def test_input_image_data_folder_becomes_the_dataset_files(plain_auth, tmp_path):
-    from tuner.fetch import fetch_inputs
-    from tuner.spec import DataSource
+    from tuner.data.fetch import fetch_inputs
+    from tuner.spec.workspace import DataSource
 
     rows = b'{"prompt": "Hi", "completion": "Hello"}\n'
     layout = tmp_path / "layout"

@@ -11,8 +11,8 @@ import yaml
 
 from tuner import cli
 from tuner.errors import UserError
-from tuner.plan import plan_job
-from tuner.render import RenderOptions, render
+from tuner.kube.render import RenderOptions, render
+from tuner.spec.plan import plan_job
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed-examples" / "workspace-phi-3-mini-tuning.yaml"
 K8S_VERSIONS = [f"1.{minor}.0" for minor in range(30, int(kubernetes_validate.latest_version().split(".")[1]) + 1)]
@@ -87,7 +87,7 @@ def test_gpu_count_comes_from_the_sku(tmp_path, instance, gpus):
 
 def test_several_gpus_launch_torchrun_on_one_node(tmp_path):
     tuner = container(rendered(seed_workspace(tmp_path, instance="Standard_NC24s_v3")))
-    assert tuner["command"] == ["python", "-m", "tuner.distributed", "--nproc_per_node=4", "--standalone"]
+    assert tuner["command"] == ["python", "-m", "tuner.train.distributed", "--nproc_per_node=4", "--standalone"]
     assert tuner["args"][:3] == ["-m", "tuner.cli", "run"]
 
 
@@ -110,7 +110,7 @@ def test_two_nodes_are_an_indexed_job_with_a_headless_service(tmp_path):
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert pod(manifests)["subdomain"] == service["metadata"]["name"]
     assert container(manifests)["command"] == [
-        "python", "-m", "tuner.distributed", "--nproc_per_node=2", "--nnodes=2", "--node_rank=$(NODE_RANK)",
+        "python", "-m", "tuner.train.distributed", "--nproc_per_node=2", "--nnodes=2", "--node_rank=$(NODE_RANK)",
         f"--master_addr=phi3-qlora-tuning-0.{service['metadata']['name']}", "--master_port=29500"]
     rank = next(e for e in container(manifests)["env"] if e["name"] == "NODE_RANK")
     assert "job-completion-index" in rank["valueFrom"]["fieldRef"]["fieldPath"]

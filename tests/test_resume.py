@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from test_run import ROWS, workspace
-from tuner.checkpoints import COMPLETE_MARKER, IDENTITY_FILE
 from tuner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from tuner.train.checkpoints import COMPLETE_MARKER, IDENTITY_FILE
 
 MAX_STEPS, SAVE_STEPS = 12, 3
 KILL_STEPS = sorted(random.Random(7).sample(range(4, MAX_STEPS), 3))  # fixed seed: 5, 7, 9 (each phase of 3)

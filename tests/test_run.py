@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from tuner import cli
-from tuner.oci import LAYER_MEDIA_TYPE, OciLayoutTarget, blob_path, read_oci_layout
-from tuner.registry import RegistryOptions, pull_image
-from tuner.unpack import unpack_data_dir
+from tuner.oci.image import LAYER_MEDIA_TYPE, blob_path, read_oci_layout
+from tuner.oci.registry import pull_image
+from tuner.oci.unpack import unpack_data_dir
+from tuner.spec.targets import OciLayoutTarget, RegistryOptions
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tuner.errors import UserError
-from tuner.spec import check_url, image_notes, load_workspace
+from tuner.spec.workspace import check_url, image_notes, load_workspace
 
 SEED_TUNING = ("workspace-phi-3-mini-tuning.yaml", "workspace-phi-3-mini-128k-tuning.yaml")
 

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuner import data, train
-from tuner.precision import choose_precision
-from tuner.presets import get_preset
-from tuner.training_config import build_config
+from tuner.data import prepare
+from tuner.spec.config_sections import DatasetSection
+from tuner.spec.presets import get_preset
+from tuner.spec.training_config import build_config
+from tuner.train import trainer
+from tuner.train.precision import choose_precision
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"Code word {i}?"},
@@ -23,22 +25,22 @@ FAST = {"TrainingArguments": {"max_steps": 24, "learning_rate": 0.005, "logging_
         "LoraConfig": {"r": 8, "lora_alpha": 16}}
 
 
-def prepared(tokenizer, tmp_path: Path) -> data.PreparedData:
+def prepared(tokenizer, tmp_path: Path) -> prepare.PreparedData:
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    return data.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared")
+    return prepare.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared")
 
 
-def run_training(model_dir: Path, method: str, tmp_path: Path) -> tuple[train.TrainResult, Path]:
+def run_training(model_dir: Path, method: str, tmp_path: Path) -> tuple[trainer.TrainResult, Path]:
     config = build_config(method, FAST)
-    tokenizer = train.load_tokenizer(model_dir, config)
+    tokenizer = trainer.load_tokenizer(model_dir, config)
     adapter = tmp_path / "adapter"
-    result = train.train(model_dir, tokenizer, prepared(tokenizer, tmp_path), config,
+    result = trainer.train(model_dir, tokenizer, prepared(tokenizer, tmp_path), config,
                          get_preset("smollm2-135m-instruct"), tmp_path / "work", adapter, max_length=128)
     return result, adapter
 
 
-def losses(result: train.TrainResult) -> list[float]:
+def losses(result: trainer.TrainResult) -> list[float]:
     return [entry["loss"] for entry in result.log_history if "loss" in entry]
 
 
@@ -76,7 +78,7 @@ def test_qlora_loads_4bit_nf4_with_float32_compute_on_cpu(tiny_model_dir):
     import bitsandbytes as bnb
 
     config = build_config("qlora")
-    model = train.load_base_model(tiny_model_dir, config, choose_precision("bfloat16"))
+    model = trainer.load_base_model(tiny_model_dir, config, choose_precision("bfloat16"))
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear4bit)
     assert layer.weight.quant_state.quant_type == "nf4"
@@ -95,11 +97,11 @@ def test_progress_line_per_logging_step(tiny_model_dir, tmp_path, capsys):
 def test_eval_split_is_evaluated_packed_or_not(tiny_model_dir, tmp_path, packing):
     config = build_config("lora", {"TrainingArguments": {**FAST["TrainingArguments"], "max_steps": 4,
                                                          "packing": packing}})
-    tokenizer = train.load_tokenizer(tiny_model_dir, config)
+    tokenizer = trainer.load_tokenizer(tiny_model_dir, config)
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    data_split = data.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared", train_test_split=0.5)
+    data_split = prepare.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared", dataset=DatasetSection(train_test_split=0.5))
     assert (len(data_split.train), len(data_split.eval)) == (2, 2)
-    result = train.train(tiny_model_dir, tokenizer, data_split, config, get_preset("smollm2-135m-instruct"),
+    result = trainer.train(tiny_model_dir, tokenizer, data_split, config, get_preset("smollm2-135m-instruct"),
                          tmp_path / "work", tmp_path / "adapter", max_length=128)
     assert result.eval_loss is not None and 0 < result.eval_loss < 20

@@ -8,23 +8,59 @@ import pytest
 import yaml
 
 from tuner.errors import UserError
-from tuner.training_config import build_config, load_config_file
+from tuner.spec.training_config import build_config, load_config_file
 
 
 def test_lora_defaults_are_kaitos_template():
     config = build_config("lora")
-    assert config.model["torch_dtype"] == "bfloat16"
-    assert config.lora == {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0}
-    assert config.training_arguments["per_device_train_batch_size"] == 1
-    assert config.training_arguments["save_strategy"] == "no"
-    assert config.dataset == {"shuffle_dataset": True, "train_test_split": 1}
+    assert config.model.torch_dtype == "bfloat16"
+    assert (config.lora.r, config.lora.lora_alpha, config.lora.lora_dropout) == (8, 8, 0.0)
+    assert config.training_arguments.per_device_train_batch_size == 1
+    assert config.training_arguments.save_strategy == "no"
+    assert (config.dataset.shuffle_dataset, config.dataset.train_test_split) == (True, 1)
     assert not config.quantized
+
+
+def test_the_effective_config_names_every_default_once():
+    """What the ConfigMap carries and the digest covers: the defaults are written out, unset keys are not."""
+    sections = build_config("lora").as_sections()
+    assert sections["LoraConfig"] == {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_dora": False,
+                                      "task_type": "CAUSAL_LM"}
+    assert sections["DatasetConfig"] == {"shuffle_dataset": True, "shuffle_seed": 42, "train_test_split": 1,
+                                         "bad_rows": "drop", "long_rows": "truncate"}
+    assert sections["TrainingArguments"]["per_device_train_batch_size"] == 1
+    assert "max_length" not in sections["TrainingArguments"] and sections["DataCollator"] == {}
+
+
+@pytest.mark.parametrize("section,library", [("LoraConfig", "peft:LoraConfig"),
+                                             ("TrainingArguments", "transformers:TrainingArguments")])
+def test_defaults_tuner_does_not_choose_are_the_pinned_librarys_own(section, library):
+    """A typed key's default is Kaito's, tuner's (named here with the reason) or the library's: a new
+    library release that changes its default shows up here, not as a silent difference in training."""
+    import dataclasses
+    import importlib
+
+    from tuner.spec.config_sections import SECTIONS
+
+    module, name = library.split(":")
+    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    chosen = {  # Kaito's lora-params template, then tuner's own
+        "LoraConfig": {"r", "lora_alpha", "lora_dropout", "task_type"},
+        "TrainingArguments": {"output_dir", "ddp_find_unused_parameters", "save_strategy", "per_device_train_batch_size",
+                              "save_total_limit", "logging_steps", "logging_first_step"},
+    }[section]
+    for key, info in SECTIONS[section].model_fields.items():
+        if key in chosen or key not in fields or info.default is None:
+            continue  # max_length and packing are TRL's; None is never passed, so the library's default holds
+        field = fields[key]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        assert info.default == default, f"{section}.{key}: tuner {info.default!r}, library {default!r}"
 
 
 def test_qlora_defaults_add_nf4_double_quant_bf16_compute():
     config = build_config("qlora")
-    assert config.quantization == {
-        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+    assert config.quantization.values() == {
+        "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_use_double_quant": True,
     }
     assert config.quantized
@@ -32,14 +68,14 @@ def test_qlora_defaults_add_nf4_double_quant_bf16_compute():
 
 def test_user_section_overlays_defaults_key_by_key():
     config = build_config("lora", {"LoraConfig": {"r": 32}, "TrainingArguments": {"num_train_epochs": 2}})
-    assert config.lora["r"] == 32 and config.lora["lora_alpha"] == 8
-    assert config.training_arguments["num_train_epochs"] == 2
-    assert config.training_arguments["per_device_train_batch_size"] == 1
+    assert config.lora.r == 32 and config.lora.lora_alpha == 8
+    assert config.training_arguments.values()["num_train_epochs"] == 2
+    assert config.training_arguments.per_device_train_batch_size == 1
 
 
 def test_qlora_with_8bit_does_not_inherit_4bit():
     config = build_config("qlora", {"QuantizationConfig": {"load_in_8bit": True}})
-    assert config.quantization == {"load_in_8bit": True}
+    assert config.quantization.values() == {"load_in_8bit": True, "load_in_4bit": False}
 
 
 def test_qlora_without_quantisation_is_refused():
@@ -82,7 +118,7 @@ def test_unknown_key_suggests_the_close_one():
 
 def test_sft_keys_are_accepted_and_max_seq_length_is_an_alias():
     config = build_config("lora", {"TrainingArguments": {"max_seq_length": 512}})
-    assert config.training_arguments["max_length"] == 512
+    assert config.training_arguments.max_length == 512
 
 
 def test_train_test_split_out_of_range_is_refused():
@@ -130,8 +166,8 @@ def test_kaito_keys_tuner_does_not_apply_are_accepted_with_one_warning_each():
 def test_a_number_spelled_as_yaml_reads_it_is_taken_as_that_number():
     # PyYAML reads 2e-4 (no dot) as a string, as Kaito users often write it
     config = build_config("lora", load_config_text("TrainingArguments:\n  learning_rate: 2e-4\n  warmup_steps: 1e2\n"))
-    assert config.training_arguments["learning_rate"] == 0.0002
-    assert config.training_arguments["warmup_steps"] == 100
+    assert config.training_arguments.values()["learning_rate"] == 0.0002
+    assert config.training_arguments.values()["warmup_steps"] == 100
 
 
 def load_config_text(sections: str) -> dict:

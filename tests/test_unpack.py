@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from tuner.errors import UserError
-from tuner.unpack import LAYER_MEDIA_TYPES, unpack_data_dir
+from tuner.oci.unpack import LAYER_MEDIA_TYPES, unpack_data_dir
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"

@@ -1,0 +1,101 @@
+"""The job plan: everything decided before any download or GPU time, so a bad spec fails cheaply.
+
+`tuner validate`, `render`, `submit` and `run` all start here; the orchestrator (tuner.run) and
+the renderer (tuner.render) read the plan and never each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuner.errors import UserError, quote
+from tuner.spec.presets import Preset, get_preset
+from tuner.spec.training_config import TrainingConfig, build_config, load_config_file
+from tuner.spec.workspace import Workspace, image_notes, load_workspace, local_host_path, normalisation_note
+
+if TYPE_CHECKING:
+    from tuner.spec.targets import OciLayoutTarget, RegistryOptions, RegistryTarget
+
+DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig default, capped by the preset's context length
+CLUSTER_OUTPUT_DIR = "/mnt/output"  # where the Job mounts tuning.output.volumeSource
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything decided before any download or GPU time: a bad spec fails here, cheaply."""
+
+    workspace: Workspace
+    workspace_path: Path
+    preset: Preset
+    config: TrainingConfig
+    output: OciLayoutTarget | RegistryTarget | Path  # an OCI layout, a registry image, or a hostPath volume
+    work_dir: Path
+    allow_private_urls: bool
+    registry: RegistryOptions
+    notes: tuple[str, ...] = ()  # what the plan decided that the user should read once (normalised images)
+    warnings: tuple[str, ...] = ()  # keys accepted but not applied, an anonymous push
+
+    @property
+    def max_length(self) -> int:
+        return effective_max_length(self.config, self.preset)
+
+
+def effective_max_length(config: TrainingConfig, preset: Preset) -> int:
+    """TrainingArguments.max_length, else TRL's default capped by the preset's context length."""
+    return config.training_arguments.max_length or min(DEFAULT_MAX_LENGTH, preset.context_length)
+
+
+def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir: Path | None = None,
+             output: str | None = None, allow_private_urls: bool = False,
+             registry: RegistryOptions | None = None, for_cluster: bool = False) -> JobPlan:
+    """Validate the Workspace, training config, output target and push credentials without doing any work.
+
+    `for_cluster` plans for `tuner render`: volumes and the push secret are the cluster's, not this machine's.
+    """
+    from tuner.spec.targets import RegistryOptions, RegistryTarget, parse_output_ref
+
+    workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
+    tuning = workspace.tuning
+    preset = get_preset(tuning.preset.name)
+    if config_path is None and tuning.config:
+        raise UserError(f"tuning.config names the ConfigMap {quote(tuning.config)}, which a local run cannot read",
+                        where=str(workspace_path), fix="pass its manifest with --config CONFIGMAP.yaml")
+    config = build_config(tuning.method, load_config_file(config_path) if config_path else None)
+    notes = image_notes(workspace, ("input",) if output else ("input", "output"))
+    if output or tuning.output.image:
+        try:
+            target = parse_output_ref(output or tuning.output.image)
+        except UserError as exc:
+            raise UserError(str(exc), where="--output" if output else "tuning.output.image") from None
+        if output and isinstance(target, RegistryTarget) and (note := normalisation_note("--output", output)):
+            notes.append(note)
+    elif for_cluster:
+        target = Path(CLUSTER_OUTPUT_DIR)
+    else:
+        target = local_host_path(tuning.output.volume_source, workspace_path.parent, "tuning.output.volumeSource")
+    registry = registry or RegistryOptions()
+    warnings = list(config.warnings)
+    if isinstance(target, RegistryTarget) and not for_cluster and (
+            anonymous := check_push_credentials(target, registry.config_file)):
+        warnings.append(anonymous)
+    return JobPlan(workspace, workspace_path, preset, config, target, work_dir or default_work_dir(workspace),
+                   allow_private_urls, registry, tuple(notes), tuple(warnings))
+
+
+def check_push_credentials(target: RegistryTarget, config_file: Path | None) -> str | None:
+    """Read the push credentials now: a malformed secret is a UserError before any download or GPU time;
+    none at all is the warning returned (the push will be anonymous)."""
+    from tuner.spec.credentials import docker_config_file, load_credentials, registry_key
+
+    host = registry_key(target.reference)
+    found = docker_config_file(config_file)
+    if load_credentials(host, found) is not None:
+        return None
+    return (f"no credentials for {host} in {found or 'DOCKER_CONFIG or ~/.docker/config.json'}: "
+            "the push will be anonymous (set tuning.output.imagePushSecret)")
+
+
+def default_work_dir(workspace: Workspace) -> Path:
+    return Path("tuner-work") / workspace.metadata.name

