@@ -64,9 +64,9 @@ def generate(path: Path, rows: int, seed: int = 0, group: int = 50_000) -> None:
 def measure_tuner(path: Path, work: Path) -> dict:
     from tuner.data import prepare
     from tuner.spec.training_config import build_config
-    from tuner.train.trainer import load_tokenizer
+    from tuner.train.base_model import load_tokenizer
 
-    tokenizer = load_tokenizer(_model_dir(), build_config("lora"))
+    tokenizer = load_tokenizer(_model_dir(), build_config("lora").model)
     started = time.perf_counter()
     prepared = prepare.prepare([path], tokenizer, max_length=1024, out_dir=work)
     seconds = time.perf_counter() - started

@@ -33,7 +33,7 @@ def run_loop(loop: str, steps: int, rows: int, batch: int) -> dict:
     from tuner.spec.config_sections import DatasetSection
     from tuner.spec.presets import get_preset
     from tuner.spec.training_config import build_config
-    from tuner.train import trainer
+    from tuner.train import base_model, trainer
     from tuner.train.base_model import resolve_base_model
     from tuner.train.precision import choose_precision
 
@@ -42,7 +42,7 @@ def run_loop(loop: str, steps: int, rows: int, batch: int) -> dict:
     model_dir = resolve_base_model(preset)
     config = build_config("lora", {"TrainingArguments": {"max_steps": steps, "per_device_train_batch_size": batch,
                                                          "learning_rate": 2e-4, "logging_steps": steps}})
-    tokenizer = trainer.load_tokenizer(model_dir, config)
+    tokenizer = base_model.load_tokenizer(model_dir, config.model)
     examples = prepare.prepare([DATA], tokenizer, max_length=512, out_dir=Path(tempfile.mkdtemp(prefix="bench-trainer-")),
                                dataset=DatasetSection(shuffle_seed=0)).train[:rows]
     model = trainer.load_base_model(model_dir, config, choose_precision("bfloat16"))

@@ -102,12 +102,12 @@ def test_validate_refuses_an_input_image_kaito_cannot_parse(tmp_path, capsys):
 
 
 def test_internal_fault_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
-    import tuner.plan
+    import tuner.spec.plan
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(tuner.plan, "plan_job", broken)
+    monkeypatch.setattr(tuner.spec.plan, "plan_job", broken)
     code, err = run_cli(capsys, "validate", str(write_workspace(tmp_path)))
     assert code == 1
     assert_one_error_line(err, "internal fault", "RuntimeError", "disk on fire", "--debug")

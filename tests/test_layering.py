@@ -1,7 +1,7 @@
 """The import structure, read from the source (every import: module level, inside functions and
-under TYPE_CHECKING): no module depends on itself through others, and the Workspace spec depends
-on no stage of the job. And what the submit side really imports, seen in `sys.modules` after a
-command ran in a fresh process."""
+under TYPE_CHECKING): no module depends on itself through others, the stage packages depend on
+each other in one direction only, and the Workspace spec depends on no stage of the job. And what
+the submit side really imports, seen in `sys.modules` after a command ran in a fresh process."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ import yaml
 import tuner
 
 PACKAGE = Path(tuner.__file__).parent
+# Lower layers first: a module may import its own package and the packages before it, never one
+# after it (errors and workdir are shared by all; the CLI is the top).
+LAYERS = ["errors", "workdir", "spec", "observe", "oci", "data", "train", "kube", "job", "cli"]
 
 
 def module_name(path: Path) -> str:
@@ -24,15 +27,26 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
+def _imports(tree: ast.AST, typing: bool):
+    """The import nodes of a module; without `typing`, those under `if TYPE_CHECKING:` are left out."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and not typing and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in _imports(ast.Module(body=[child]), typing))
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from _imports(node, typing)
+
+
+def import_graph(*, typing: bool = True) -> dict[str, set[str]]:
     """tuner module -> the tuner modules it imports anywhere in its source."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _imports(ast.parse(path.read_text()), typing):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tuner":
-                for alias in node.names:  # `from tuner import events` imports the module tuner.events
+                for alias in node.names:  # `from tuner.data import fetch` imports the module tuner.data.fetch
                     found.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
                               else node.module)
             elif isinstance(node, ast.Import):
@@ -70,10 +84,16 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer(module: str) -> int:
+    return LAYERS.index(module.split(".")[1])
+
+
 def test_the_reader_sees_real_imports():
     graph = import_graph()
-    assert {"tuner.spec.plan", "tuner.data.fetch", "tuner.observe.events"} <= graph["tuner.job"]  # module and function level
+    assert {"tuner.spec.plan", "tuner.data.fetch", "tuner.observe.events"} <= graph["tuner.job"]  # module level
+    assert "tuner.train.trainer" in graph["tuner.job"]  # inside a function
     assert "tuner.spec.plan" in graph["tuner.observe.summary"]  # under TYPE_CHECKING
+    assert "tuner.spec.plan" not in import_graph(typing=False)["tuner.observe.summary"]
 
 
 def test_no_module_imports_itself_through_others():
@@ -83,10 +103,26 @@ def test_no_module_imports_itself_through_others():
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
 
 
+def test_every_module_is_in_a_layer():
+    assert {module.split(".")[1] for module in import_graph() if module != "tuner"} == set(LAYERS)
+
+
+def test_stages_import_only_earlier_layers():
+    """What runs flows one way: spec -> observe -> oci -> data -> train -> kube -> job -> cli. Type
+    hints may name a later stage's record (the summary names the data's statistics)."""
+    upward = sorted(f"{module} -> {target}" for module, targets in import_graph(typing=False).items()
+                    if module != "tuner" for target in targets if layer(target) > layer(module))
+    assert upward == []
+
+
 def test_the_spec_depends_on_no_stage():
-    """The Workspace is read and checked before any stage runs: it may use the shared error type and
-    the rules it applies, nothing that fetches, prepares, trains, packages or renders."""
-    assert import_graph()["tuner.spec.workspace"] <= {"tuner.errors", "tuner.spec.image_ref", "tuner.k8s_names", "tuner.spec.yamlio"}
+    """The Workspace and the training config are read and checked before any stage runs: the spec may
+    use the shared error type and work-directory layout and its own rules, nothing that fetches,
+    prepares, trains, packages or renders."""
+    graph = import_graph()
+    outside = sorted(f"{module} -> {target}" for module, targets in graph.items() if module.startswith("tuner.spec")
+                     for target in targets if not target.startswith("tuner.spec"))
+    assert [edge for edge in outside if not edge.endswith(("-> tuner.errors", "-> tuner.workdir"))] == []
 
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "trl")

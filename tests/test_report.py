@@ -11,6 +11,7 @@ from PIL import Image
 
 from tuner.errors import UserError
 from tuner.observe import loss_curves
+from tuner.workdir import CURVE_FILE, EVENTS_FILE
 
 BLUE = (31, 119, 180)
 RED = (214, 39, 40)
@@ -39,7 +40,7 @@ def write_events(work: Path, *, evals: bool = True, extra: list[dict] | None = N
     lines = [json.dumps(e) for e in events]
     lines.insert(3, '{"type": "train.step", "step": 3, "metr')  # cut short by a crash
     work.mkdir(parents=True, exist_ok=True)
-    path = work / loss_curves.EVENTS_FILE
+    path = work / EVENTS_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -79,41 +80,41 @@ def test_read_metrics_skips_non_numeric_values_and_other_event_types(tmp_path):
 
 
 def test_draw_writes_a_png_with_the_train_and_eval_curves(tmp_path):
-    out = loss_curves.draw(write_events(tmp_path / "job"), tmp_path / "plots" / loss_curves.CURVE_FILE)
-    assert out == tmp_path / "plots" / loss_curves.CURVE_FILE
+    out = loss_curves.draw(write_events(tmp_path / "job"), tmp_path / "plots" / CURVE_FILE)
+    assert out == tmp_path / "plots" / CURVE_FILE
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size == (800, 450)
     assert color_pixels(out, BLUE) > 300
     assert color_pixels(out, RED) > 100
-    assert [p.name for p in out.parent.iterdir()] == [loss_curves.CURVE_FILE]  # no temp file left behind
+    assert [p.name for p in out.parent.iterdir()] == [CURVE_FILE]  # no temp file left behind
 
 
 def test_draw_without_eval_events_has_no_red_curve(tmp_path):
-    out = loss_curves.draw(write_events(tmp_path, evals=False), tmp_path / loss_curves.CURVE_FILE)
+    out = loss_curves.draw(write_events(tmp_path, evals=False), tmp_path / CURVE_FILE)
     assert color_pixels(out, BLUE) > 300
     assert color_pixels(out, RED) < 10
 
 
 def test_another_metric_gets_its_own_subplot_row(tmp_path):
-    out = loss_curves.draw(write_events(tmp_path), tmp_path / loss_curves.CURVE_FILE, ["loss", "eval_loss", "learning_rate"])
+    out = loss_curves.draw(write_events(tmp_path), tmp_path / CURVE_FILE, ["loss", "eval_loss", "learning_rate"])
     with Image.open(out) as image:
         assert image.size == (800, 900)
 
 
 def test_an_unknown_metric_is_a_user_error_listing_the_logged_ones(tmp_path):
     with pytest.raises(UserError, match="bleu") as caught:
-        loss_curves.draw(write_events(tmp_path), tmp_path / loss_curves.CURVE_FILE, ["loss", "bleu"])
+        loss_curves.draw(write_events(tmp_path), tmp_path / CURVE_FILE, ["loss", "bleu"])
     assert caught.value.fix == "choose from epoch, eval_loss, eval_runtime, grad_norm, learning_rate, loss"
-    assert not (tmp_path / loss_curves.CURVE_FILE).exists()
+    assert not (tmp_path / CURVE_FILE).exists()
 
 
 @pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
 def test_a_missing_or_empty_events_file_is_a_user_error(tmp_path, content):
-    events = tmp_path / loss_curves.EVENTS_FILE
+    events = tmp_path / EVENTS_FILE
     if content is not None:
         events.write_text(content)
     with pytest.raises(UserError, match="does not exist" if content is None else "no train.step") as caught:
-        loss_curves.draw(events, tmp_path / loss_curves.CURVE_FILE)
+        loss_curves.draw(events, tmp_path / CURVE_FILE)
     assert str(events) in str(caught.value)
     assert "tuner run" in caught.value.fix

@@ -12,8 +12,9 @@ from tuner.data import prepare
 from tuner.spec.config_sections import DatasetSection
 from tuner.spec.presets import get_preset
 from tuner.spec.training_config import build_config
-from tuner.train import trainer
+from tuner.train import base_model, trainer
 from tuner.train.precision import choose_precision
+from tuner.workdir import WorkDir
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"Code word {i}?"},
@@ -33,11 +34,11 @@ def prepared(tokenizer, tmp_path: Path) -> prepare.PreparedData:
 
 def run_training(model_dir: Path, method: str, tmp_path: Path) -> tuple[trainer.TrainResult, Path]:
     config = build_config(method, FAST)
-    tokenizer = trainer.load_tokenizer(model_dir, config)
-    adapter = tmp_path / "adapter"
+    tokenizer = base_model.load_tokenizer(model_dir, config.model)
+    work = WorkDir(tmp_path / "work")
     result = trainer.train(model_dir, tokenizer, prepared(tokenizer, tmp_path), config,
-                         get_preset("smollm2-135m-instruct"), tmp_path / "work", adapter, max_length=128)
-    return result, adapter
+                           get_preset("smollm2-135m-instruct"), work, max_length=128)
+    return result, work.adapter
 
 
 def losses(result: trainer.TrainResult) -> list[float]:
@@ -97,11 +98,12 @@ def test_progress_line_per_logging_step(tiny_model_dir, tmp_path, capsys):
 def test_eval_split_is_evaluated_packed_or_not(tiny_model_dir, tmp_path, packing):
     config = build_config("lora", {"TrainingArguments": {**FAST["TrainingArguments"], "max_steps": 4,
                                                          "packing": packing}})
-    tokenizer = trainer.load_tokenizer(tiny_model_dir, config)
+    tokenizer = base_model.load_tokenizer(tiny_model_dir, config.model)
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    data_split = prepare.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared", dataset=DatasetSection(train_test_split=0.5))
+    data_split = prepare.prepare([path], tokenizer, max_length=128, out_dir=tmp_path / "prepared",
+                                 dataset=DatasetSection(train_test_split=0.5))
     assert (len(data_split.train), len(data_split.eval)) == (2, 2)
     result = trainer.train(tiny_model_dir, tokenizer, data_split, config, get_preset("smollm2-135m-instruct"),
-                         tmp_path / "work", tmp_path / "adapter", max_length=128)
+                           WorkDir(tmp_path / "work"), max_length=128)
     assert result.eval_loss is not None and 0 < result.eval_loss < 20

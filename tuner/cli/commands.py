@@ -278,8 +278,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{preset.name:28} {preset.description}")
         return EXIT_OK
     if args.command == "check-data":
+        from tuner.cli.check_data import check_data
         from tuner.data.prepare import require_training_rows
-        from tuner.job import check_data
 
         stats = check_data(args.files, preset_name=args.preset, tokenizer_dir=args.tokenizer,
                            config_path=args.config, max_length=args.max_length)
@@ -307,9 +307,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "report":
         from tuner.observe import loss_curves
+        from tuner.workdir import CURVE_FILE, WorkDir
 
         metrics = tuple(args.metric) if args.metric else loss_curves.DEFAULT_METRICS
-        out = loss_curves.draw(args.work_dir / loss_curves.EVENTS_FILE, args.out or args.work_dir / loss_curves.CURVE_FILE, metrics)
+        work = WorkDir(args.work_dir)
+        out = loss_curves.draw(work.events, args.out or work.root / CURVE_FILE, metrics)
         print(f"wrote {out}")
         return EXIT_OK
     if args.command == "chat":

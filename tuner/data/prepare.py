@@ -18,6 +18,7 @@ from tuner.data import formats, readers
 from tuner.data.encode import TOO_LONG, Encoder
 from tuner.data.store import ExampleStore, StoreWriter
 from tuner.errors import UserError
+from tuner.observe import events
 from tuner.spec.config_sections import DatasetSection
 
 ROWS_NAMED_PER_REASON = 5
@@ -67,6 +68,19 @@ class DataStats:
     length_max: int
     train_rows: int
     eval_rows: int
+
+    def report(self) -> None:
+        """The human report as info lines, then the `data.prepared` event with the numbers."""
+        for line in self.log_lines():
+            events.info(line)
+        events.emit("data.prepared", f"data: {self.train_rows:,} train / {self.eval_rows:,} eval rows, "
+                                     f"{self.tokens:,} tokens ({self.label_tokens:,} with loss)",
+                    metrics={"rows_read": self.rows_read, "rows_kept": self.rows_kept, "train_rows": self.train_rows,
+                             "eval_rows": self.eval_rows, "tokens": self.tokens, "label_tokens": self.label_tokens,
+                             "length_p50": self.length_p50, "length_p95": self.length_p95,
+                             "length_max": self.length_max},
+                    data={"files": [f.path for f in self.files],
+                          "dropped": {k: d.count for k, d in self.dropped.items()}})
 
     def log_lines(self) -> list[str]:
         """The human report: a `format:` line per file first, then rows, drops, lengths."""

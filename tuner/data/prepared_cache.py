@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 
 from tuner import __version__
-from tuner.data.prepare import STORE_FILE, DataStats, Dropped, FileReport, IndexedExamples, PreparedData
+from tuner.data.fetch import InputFile
+from tuner.data.prepare import STORE_FILE, DataStats, Dropped, FileReport, IndexedExamples, PreparedData, prepare
 from tuner.data.store import ExampleStore
-from tuner.train.checkpoints import write_json_atomically
+from tuner.observe import events
+from tuner.spec.config_sections import DatasetSection
+from tuner.workdir import atomic_write_json
 
 RECORD_FILE = "prepared.json"
 SPLIT_FILE = "split.npz"  # the stored rows that train and that evaluate
@@ -78,7 +81,7 @@ def forget(out_dir: Path) -> None:
 def save(out_dir: Path, key: str, prepared: PreparedData) -> None:
     """Write the split, then the record (last, atomically), so the next run can reuse `out_dir`."""
     np.savez(out_dir / SPLIT_FILE, train=prepared.train.indices, eval=prepared.eval.indices)
-    write_json_atomically(out_dir / RECORD_FILE, {"key": key, "store_bytes": (out_dir / STORE_FILE).stat().st_size,
+    atomic_write_json(out_dir / RECORD_FILE, {"key": key, "store_bytes": (out_dir / STORE_FILE).stat().st_size,
                                                   "stats": asdict(prepared.stats)})
 
 
@@ -93,3 +96,18 @@ def _read_record(out_dir: Path) -> dict | None:
 def _stats_from(recorded: dict) -> DataStats:
     return DataStats(**(recorded | {"files": [FileReport(**f) for f in recorded["files"]],
                                     "dropped": {k: Dropped(**v) for k, v in recorded["dropped"].items()}}))
+
+
+def prepare_once(inputs: list[InputFile], tokenizer, dataset: DatasetSection, max_length: int,
+                 out_dir: Path) -> PreparedData:
+    """Prepare the inputs into `out_dir`, or reuse what a run with the same inputs, tokenizer and
+    DatasetConfig prepared there before."""
+    key = cache_key([(f.path.name, f.sha256) for f in inputs], tokenizer, dataset.values(), max_length)
+    prepared = load(out_dir, key)
+    if prepared is not None:
+        events.info(f"prepare: reusing the data prepared earlier in {out_dir} (same inputs, tokenizer and config)")
+        return prepared
+    forget(out_dir)
+    prepared = prepare([f.path for f in inputs], tokenizer, max_length=max_length, out_dir=out_dir, dataset=dataset)
+    save(out_dir, key, prepared)
+    return prepared

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from tuner.errors import UserError
+from tuner.observe import events
+from tuner.workdir import WorkDir, atomic_output
 
-EVENTS_FILE = "events.jsonl"
-CURVE_FILE = "loss_curve.png"
 DEFAULT_METRICS = ("loss", "eval_loss")
 
 METRIC_EVENTS = ("train.step", "eval")
@@ -94,16 +92,19 @@ def draw(events_file: Path, out: Path, metrics: Sequence[str] = DEFAULT_METRICS,
     axes[-1].set_xlabel("step")
     fig.suptitle(title if title is not None else events_file.resolve().parent.name)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(out) as f:
+        fig.savefig(f, format="png", dpi=DPI)
     return out
+
+
+def draw_job_curve(work: WorkDir, title: str) -> None:
+    """The job's loss curve into its adapter (so into the output and the image); never fails the job."""
+    try:
+        curve = draw(work.events, work.curve, title=title)
+    except (UserError, OSError, ValueError) as exc:
+        events.warn(f"no loss curve: {exc}")
+        return
+    events.info(f"report: loss curve in {curve} (`tuner report {work.root}` draws any logged metric)")
 
 
 def _panels(names: list[str]) -> list[list[str]]:

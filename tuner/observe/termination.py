@@ -18,20 +18,6 @@ PATH_ENV = "TUNER_TERMINATION_LOG"
 LIMIT = 4096
 
 
-def succeeded(summary: dict[str, Any]) -> dict[str, Any]:
-    """The outcome of a finished job, from its summary."""
-    train, evaluation, image = summary["train"], summary.get("eval") or {}, summary.get("image")
-    return {
-        "status": "succeeded", "steps": train["steps"], "total_steps": train["total_steps"],
-        "epochs": train["epochs"], "train_loss": _rounded(train["train_loss"]),
-        "eval_loss": ({"base": _rounded(evaluation.get("base_loss")), "adapter": _rounded(evaluation.get("adapter_loss"))}
-                      if evaluation.get("adapter_loss") is not None else None),
-        "trained_tokens": train["tokens_seen"],
-        "image": f"{image['reference']}@{image['digest']}" if image else None,
-        "seconds": round(sum(summary.get("stage_seconds", {}).values()), 1),
-    }
-
-
 def failed(exit_code: int, error: dict[str, Any]) -> dict[str, Any]:
     """The outcome of a failed job: `error` is the job.failed event's {code, message, param}."""
     return {"status": "failed", "exit_code": exit_code, "error": error}
@@ -125,5 +111,5 @@ def _compact(outcome: dict[str, Any]) -> str:
     return json.dumps(outcome, separators=(",", ":"), default=str)
 
 
-def _rounded(value: float | None) -> float | None:
+def rounded(value: float | None) -> float | None:
     return round(value, 4) if value is not None else None

@@ -17,13 +17,13 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
 from tuner.spec.targets import OciLayoutTarget
+from tuner.workdir import atomic_write
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -170,12 +170,6 @@ def build_adapter_image(
     return AdapterImage(layer, config, Blob.of(MANIFEST_MEDIA_TYPE, _canonical_json(manifest_obj)))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)
-
-
 def digest_hex(digest: str) -> str:
     """The hex part of a `sha256:<64 hex>` digest; UserError for anything else (it names files)."""
     algorithm, _, hex_digest = digest.partition(":")
@@ -210,13 +204,13 @@ def write_oci_layout(image: AdapterImage, target: OciLayoutTarget) -> str:
     for blob in (image.layer, image.config, image.manifest):
         path = blob_path(layout, blob.digest)
         if not (path.is_file() and path.stat().st_size == blob.size):
-            _atomic_write(path, blob.data)
-    _atomic_write(layout / "oci-layout", _canonical_json({"imageLayoutVersion": "1.0.0"}))
+            atomic_write(path, blob.data)
+    atomic_write(layout / "oci-layout", _canonical_json({"imageLayoutVersion": "1.0.0"}))
     index = _read_index(layout) if (layout / "index.json").is_file() else {}
     others = [m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME_ANNOTATION) != target.tag]
     entry = image.manifest.descriptor() | {"annotations": {REF_NAME_ANNOTATION: target.tag}}
     index.update({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [*others, entry]})
-    _atomic_write(layout / "index.json", _canonical_json(index))
+    atomic_write(layout / "index.json", _canonical_json(index))
     return image.manifest.digest
 
 

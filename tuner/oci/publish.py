@@ -1,10 +1,11 @@
-"""Turn a finished adapter into an image: labels from its training summary, an OCI layout in the
-work directory (the copy that is never lost), and a push to a registry when asked."""
+"""Deliver a finished adapter: its files copied to an output volume, or an image with labels from its
+training summary, written as an OCI layout in the work directory (the copy that is never lost) and
+pushed to a registry when asked."""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -13,13 +14,11 @@ from pathlib import Path
 from tuner import __version__
 from tuner.errors import UserError
 from tuner.observe import events
+from tuner.observe.summary import JobSummary, PublishedImage
 from tuner.oci.image import build_adapter_image, write_oci_layout
 from tuner.oci.registry import PushResult, push_layout
 from tuner.spec.targets import OciLayoutTarget, RegistryOptions, RegistryTarget, parse_output_ref
-
-SUMMARY_FILE = "training_summary.json"
-ADAPTER_DIR = "adapter"
-IMAGE_DIR = "image"  # the OCI layout a registry push is copied from
+from tuner.workdir import SUMMARY_FILE, WorkDir
 
 
 @dataclass(frozen=True)
@@ -35,29 +34,32 @@ def image_annotations(adapter_dir: Path, version: str | None) -> dict[str, str]:
     A folder without tuner's summary (e.g. a Kaito adapter) still gets the standard ones, dated by
     its weights file, so the same folder always gives the same image.
     """
-    summary_path = adapter_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     weights = adapter_dir / "adapter_model.safetensors"
-    created = summary.get("finished") or datetime.fromtimestamp(
-        int(weights.stat().st_mtime), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    base = summary.get("base_model") or {}
-    train, evaluation = summary.get("train") or {}, summary.get("eval") or {}
-    method, preset = summary.get("method"), summary.get("preset")
+    summary = JobSummary.read(adapter_dir / SUMMARY_FILE)
+    if summary is None:
+        return {key: value for key, value in {
+            "org.opencontainers.image.created": datetime.fromtimestamp(
+                int(weights.stat().st_mtime), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "org.opencontainers.image.title": f"{adapter_dir.resolve().name} adapter",
+            "org.opencontainers.image.description": "LoRA adapter",
+            "org.opencontainers.image.version": version,
+            "dev.tuner.version": __version__,
+        }.items() if value}
+    base = summary.base_model
     annotations = {
-        "org.opencontainers.image.created": created,
-        "org.opencontainers.image.title": f"{summary.get('workspace') or adapter_dir.resolve().name} adapter",
-        "org.opencontainers.image.description": (f"{method} adapter for {preset} ({base.get('hub_id')})"
-                                                 if method else "LoRA adapter"),
+        "org.opencontainers.image.created": summary.finished,
+        "org.opencontainers.image.title": f"{summary.workspace} adapter",
+        "org.opencontainers.image.description": f"{summary.method} adapter for {summary.preset} ({base.hub_id})",
         "org.opencontainers.image.version": version,
-        "sh.kaito.model.name": preset,
-        "dev.tuner.version": summary.get("tuner_version", __version__),
-        "dev.tuner.base-model": base.get("hub_id"),
-        "dev.tuner.base-model.revision": base.get("revision") or base.get("gguf"),
-        "dev.tuner.method": method,
-        "dev.tuner.datasets": ",".join(f"sha256:{d['sha256']}" for d in summary.get("datasets", [])) or None,
-        "dev.tuner.config-digest": summary.get("config_digest"),
-        "dev.tuner.train-loss": _loss(train.get("train_loss")),
-        "dev.tuner.eval-loss": _loss(evaluation.get("adapter_loss")),  # tuner.summary.build writes it there
+        "sh.kaito.model.name": summary.preset,
+        "dev.tuner.version": summary.tuner_version,
+        "dev.tuner.base-model": base.hub_id,
+        "dev.tuner.base-model.revision": base.revision or base.gguf,
+        "dev.tuner.method": summary.method,
+        "dev.tuner.datasets": ",".join(f"sha256:{d.sha256}" for d in summary.datasets) or None,
+        "dev.tuner.config-digest": summary.config_digest,
+        "dev.tuner.train-loss": _loss(summary.train.train_loss),
+        "dev.tuner.eval-loss": _loss(summary.eval.adapter_loss),
     }
     return {key: value for key, value in annotations.items() if value}
 
@@ -68,12 +70,12 @@ def _loss(value: float | None) -> str | None:
 
 def adapter_dir_of(work_dir: Path) -> Path:
     """A work directory's adapter folder, or work_dir itself when it is an adapter folder."""
-    nested = work_dir / ADAPTER_DIR
+    nested = WorkDir(work_dir).adapter
     if nested.is_dir():
         return nested
     if (work_dir / "adapter_config.json").is_file():
         return work_dir
-    raise UserError(f"{work_dir} holds no adapter ({ADAPTER_DIR}/ or adapter_config.json)",
+    raise UserError(f"{work_dir} holds no adapter ({nested.name}/ or adapter_config.json)",
                     fix="pass the work directory of a finished `tuner run`, or an adapter folder")
 
 
@@ -104,7 +106,7 @@ def publish(work_dir: Path, reference: str, options: RegistryOptions) -> Publish
         if adapter_dir == work_dir:  # a bare adapter folder: keep the layout out of it
             layout = OciLayoutTarget(Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tuner-image-"))), tag)
         else:
-            layout = OciLayoutTarget(work_dir / IMAGE_DIR, tag)
+            layout = OciLayoutTarget(WorkDir(work_dir).image, tag)
         digest = package(adapter_dir, layout)
         events.info(f"push: {reference} (image {digest})")
         try:
@@ -117,3 +119,18 @@ def publish(work_dir: Path, reference: str, options: RegistryOptions) -> Publish
                              f"uploaded, {result.skipped_blobs} blob(s) already there",
                 data={"reference": reference, "digest": result.digest, "uploaded_bytes": result.uploaded_bytes})
     return Published(result.digest, layout, result)
+
+
+def deliver(output: OciLayoutTarget | RegistryTarget | Path, work: WorkDir,
+            registry: RegistryOptions) -> PublishedImage | None:
+    """The finished adapter to the job's output: its files copied into an output volume (None), or
+    published as an image (where it went)."""
+    if isinstance(output, Path):
+        output.mkdir(parents=True, exist_ok=True)
+        for path in sorted(work.adapter.iterdir()):
+            if path.is_file():
+                shutil.copy2(path, output / path.name)
+        events.info(f"output: adapter files copied to {output}")
+        return None
+    reference = output.reference if isinstance(output, RegistryTarget) else f"oci:{output.path}:{output.tag}"
+    return PublishedImage(reference=reference, digest=publish(work.root, reference, registry).digest)

@@ -26,13 +26,11 @@ of the member is written) and `max_total_bytes` (everything written, link copies
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import os
 import shutil
 import tarfile
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from typing import IO
 import zstandard
 
 from tuner.errors import UserError
+from tuner.workdir import atomic_output
 
 # Adapters are MBs to a few GB; these are far above any real adapter and only stop bombs.
 DEFAULT_MAX_MEMBER_BYTES = 64 << 30
@@ -312,16 +311,9 @@ class _Unpacker:
         self._make_dirs(rel[:-1])
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)  # a file replaces a lower layer's directory
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".unpack-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o644)
-                shutil.copyfileobj(source, f, _COPY_CHUNK)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_output(path, durable=False) as f:  # the pull renames the whole folder once complete
+            os.fchmod(f.fileno(), 0o644)
+            shutil.copyfileobj(source, f, _COPY_CHUNK)
 
     def _link(self, member: tarfile.TarInfo, parts: Rel) -> _Link:
         """The link member at image path parts, refused if its target is outside the root."""

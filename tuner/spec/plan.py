@@ -1,22 +1,21 @@
 """The job plan: everything decided before any download or GPU time, so a bad spec fails cheaply.
 
-`tuner validate`, `render`, `submit` and `run` all start here; the orchestrator (tuner.run) and
-the renderer (tuner.render) read the plan and never each other.
+`tuner validate`, `render`, `submit` and `run` all start here; the orchestrator (tuner.job) and
+the renderer (tuner.kube.render) read the plan and never each other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tuner.errors import UserError, quote
+from tuner.spec.credentials import docker_config_file, load_credentials, registry_key
 from tuner.spec.presets import Preset, get_preset
+from tuner.spec.targets import OciLayoutTarget, RegistryOptions, RegistryTarget, parse_output_ref
 from tuner.spec.training_config import TrainingConfig, build_config, load_config_file
 from tuner.spec.workspace import Workspace, image_notes, load_workspace, local_host_path, normalisation_note
-
-if TYPE_CHECKING:
-    from tuner.spec.targets import OciLayoutTarget, RegistryOptions, RegistryTarget
+from tuner.workdir import WorkDir
 
 DEFAULT_MAX_LENGTH = 1024  # TRL's SFTConfig default, capped by the preset's context length
 CLUSTER_OUTPUT_DIR = "/mnt/output"  # where the Job mounts tuning.output.volumeSource
@@ -31,7 +30,7 @@ class JobPlan:
     preset: Preset
     config: TrainingConfig
     output: OciLayoutTarget | RegistryTarget | Path  # an OCI layout, a registry image, or a hostPath volume
-    work_dir: Path
+    work: WorkDir
     allow_private_urls: bool
     registry: RegistryOptions
     notes: tuple[str, ...] = ()  # what the plan decided that the user should read once (normalised images)
@@ -54,8 +53,6 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
 
     `for_cluster` plans for `tuner render`: volumes and the push secret are the cluster's, not this machine's.
     """
-    from tuner.spec.targets import RegistryOptions, RegistryTarget, parse_output_ref
-
     workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
     tuning = workspace.tuning
     preset = get_preset(tuning.preset.name)
@@ -80,15 +77,13 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
     if isinstance(target, RegistryTarget) and not for_cluster and (
             anonymous := check_push_credentials(target, registry.config_file)):
         warnings.append(anonymous)
-    return JobPlan(workspace, workspace_path, preset, config, target, work_dir or default_work_dir(workspace),
+    return JobPlan(workspace, workspace_path, preset, config, target, WorkDir(work_dir or default_work_dir(workspace)),
                    allow_private_urls, registry, tuple(notes), tuple(warnings))
 
 
 def check_push_credentials(target: RegistryTarget, config_file: Path | None) -> str | None:
     """Read the push credentials now: a malformed secret is a UserError before any download or GPU time;
     none at all is the warning returned (the push will be anonymous)."""
-    from tuner.spec.credentials import docker_config_file, load_credentials, registry_key
-
     host = registry_key(target.reference)
     found = docker_config_file(config_file)
     if load_credentials(host, found) is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tuner.errors import UserError
 from tuner.observe import events
+from tuner.spec.config_sections import ModelSection
 from tuner.spec.presets import Preset
 
 COMPLETE_MARKER = ".tuner-complete"
@@ -29,6 +30,30 @@ def cache_root() -> Path:
 
 # ModelConfig keys that choose where the hub download comes from (huggingface_hub.snapshot_download's names)
 HUB_KEYS = ("revision", "cache_dir", "force_download", "proxies", "local_files_only")
+
+
+def load(preset: Preset, model: ModelSection) -> tuple[Path, object]:
+    """The base model's folder (ModelConfig.pretrained_model_name_or_path, else the preset's) and its tokenizer."""
+    model_dir = resolve_base_model(preset, model.pretrained_model_name_or_path, hub_options=model.values())
+    return model_dir, load_tokenizer(model_dir, model)
+
+
+def load_tokenizer(model_dir: Path, model: ModelSection):
+    """The base model's tokenizer, with a pad token and ModelConfig's chat template if one is set."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    template = model.chat_template
+    if template:
+        path = Path(template)
+        tokenizer.chat_template = path.read_text() if path.is_file() else template
+    if not tokenizer.chat_template:
+        raise UserError("the base model's tokenizer has no chat template",
+                        where="training_config.ModelConfig.chat_template",
+                        fix="set chat_template to a Jinja template or a file holding one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def resolve_base_model(preset: Preset, override: str | None = None, hub_options: dict | None = None) -> Path:

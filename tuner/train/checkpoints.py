@@ -31,9 +31,9 @@ from transformers import TrainerCallback
 from tuner.errors import UserError
 from tuner.observe import events
 from tuner.spec.config_sections import TrainingSection
+from tuner.workdir import atomic_write_json
 
-CHECKPOINTS_DIR = "checkpoints"
-IDENTITY_FILE = "job.json"  # in CHECKPOINTS_DIR
+IDENTITY_FILE = "job.json"  # in WORK/checkpoints
 COMPLETE_MARKER = "tuner-complete.json"  # in each checkpoint folder, written last
 DEFAULT_SAVE_STEPS = 500
 DEFAULT_SAVE_MINUTES = 10.0
@@ -125,16 +125,6 @@ def read_identity(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_json_atomically(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    with open(partial, "w") as f:
-        f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(path)
-
-
 def prepare_resume(folder: Path, identity: dict[str, Any], *, restart: bool = False,
                    clean: bool = True) -> Path | None:
     """Check `folder`'s checkpoints against this job and return the latest complete one (None: start fresh).
@@ -155,7 +145,7 @@ def prepare_resume(folder: Path, identity: dict[str, Any], *, restart: bool = Fa
     if clean:
         for path in remove_incomplete(folder):
             events.info(f"resume: deleted {path.name}: its save did not complete")
-        write_json_atomically(folder / IDENTITY_FILE, identity)
+        atomic_write_json(folder / IDENTITY_FILE, identity)
     return complete[-1] if complete else None
 
 
@@ -168,7 +158,7 @@ def mark_complete(checkpoint: Path, step: int) -> None:
                     os.fsync(f.fileno())
             except OSError:
                 pass
-    write_json_atomically(checkpoint / COMPLETE_MARKER, {"step": step, "saved": time.time()})
+    atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": step, "saved": time.time()})
 
 
 class CheckpointCallback(TrainerCallback):

@@ -54,6 +54,15 @@ class Ranks:
         """The global rank of this node's local rank 0."""
         return self.rank - self.local_rank
 
+    def devices(self) -> str:
+        """What trains: "2 processes x NVIDIA A100 80GB PCIe", "1x Tesla V100-PCIE-16GB", "cpu (2 cores)"."""
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(self.local_rank)
+            return f"{self.world_size} processes x {name}" if self.distributed else f"1x {name}"
+        return f"cpu ({os.cpu_count()} cores)" + (f" x {self.world_size} processes" if self.distributed else "")
+
 
 def ranks_from_env() -> Ranks:
     """This process's ranks as torchrun set them (rank 0 of 1 outside torchrun)."""

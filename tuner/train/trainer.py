@@ -15,7 +15,6 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     BitsAndBytesConfig,
     PrinterCallback,
     Trainer,
@@ -31,6 +30,7 @@ from tuner.spec.training_config import TrainingConfig
 from tuner.train import checkpoints, distributed
 from tuner.train.precision import Precision, choose_precision
 from tuner.train.progress import ProgressEvents
+from tuner.workdir import WorkDir, atomic_write_json
 
 DEFAULT_EVAL_STEPS = 0.2  # with an eval split: evaluate at every fifth of the run (a ratio of the total)
 BASE_EVAL_FILE = "base_eval.json"  # in WORK/checkpoints: the base model's eval loss, for a resumed run
@@ -61,26 +61,10 @@ class TrainResult:
         return self.tokens_seen / self.seconds if self.seconds else 0.0
 
 
-def load_tokenizer(model_dir: Path, config: TrainingConfig):
-    """The base model's tokenizer, with a pad token and the config's chat template if one is set."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = config.model.chat_template
-    if template:
-        path = Path(template)
-        tokenizer.chat_template = path.read_text() if path.is_file() else template
-    if not tokenizer.chat_template:
-        raise UserError("the base model's tokenizer has no chat template",
-                        where="training_config.ModelConfig.chat_template",
-                        fix="set chat_template to a Jinja template or a file holding one")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
-          work_dir: Path, adapter_dir: Path, max_length: int, *, identity: dict[str, Any] | None = None,
+          work: WorkDir, max_length: int, *, identity: dict[str, Any] | None = None,
           restart: bool = False) -> TrainResult:
-    """Train a LoRA adapter and save it (with the tokenizer) into `adapter_dir`.
+    """Train a LoRA adapter and save it (with the tokenizer) into WORK/adapter.
 
     Checkpoints go to WORK/checkpoints (see `tuner.checkpoints` for when). With an `identity`
     (see `checkpoints.job_identity`), training resumes from the latest complete checkpoint of the
@@ -96,7 +80,7 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     model = _add_lora(model, config, preset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set, eval_set, collator = _datasets(data, config, tokenizer, max_length)
-    checkpoint_dir = work_dir / checkpoints.CHECKPOINTS_DIR
+    checkpoint_dir = work.checkpoints
     args = _training_arguments(config, precision, checkpoint_dir, has_eval=eval_set is not None,
                                packed=isinstance(collator, PackingCollator))
     resume = _resume_point(checkpoint_dir, identity, restart) if identity is not None else None
@@ -130,9 +114,9 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
         raise Preempted(state.global_step, state.max_steps, saved.name)
     eval_loss = _final_eval_loss(trainer) if eval_set is not None else None
     if trainer.is_world_process_zero():
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
+        work.adapter.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(work.adapter)
+        tokenizer.save_pretrained(work.adapter)
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return TrainResult(
         steps=state.global_step, total_steps=state.max_steps, epochs=round(state.epoch or 0.0, 4),
@@ -209,7 +193,7 @@ def _evaluate_base(trainer: Trainer, progress: ProgressEvents, checkpoint_dir: P
     finally:
         progress.phase = "adapter"
     if trainer.is_world_process_zero():
-        checkpoints.write_json_atomically(record, {"eval_loss": loss})
+        atomic_write_json(record, {"eval_loss": loss})
 
 
 def _recorded_max_steps(checkpoint: Path) -> int | None:
