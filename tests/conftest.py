@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import kmock as kmocklib
 import pytest
+from kubernetes import client
 
 from registry_support import FaultProxy, RegistryServer, TokenAuthProxy
 
@@ -142,3 +146,54 @@ def token_proxy(registry_plain: RegistryServer) -> Iterator[TokenAuthProxy]:
     """A fresh bearer-token proxy (Docker Hub style auth) in front of `registry_plain`."""
     with TokenAuthProxy(registry_plain) as proxy:
         yield proxy
+
+
+# ---------------------------------------------------------------------- kmock as the Kubernetes API server
+
+
+@pytest.fixture
+def cluster(kmock):
+    """kmock, plus what an API server does that kmock does not (see kube_support)."""
+    counter = itertools.count(1)
+
+    def stamp(request):
+        metadata = request.data["metadata"]
+        obj = kmock.objects[request.resource, request.namespace or metadata.get("namespace"), metadata["name"]]
+        obj.patch({"metadata": {"uid": str(uuid.uuid4()), "resourceVersion": str(next(counter)),
+                                "creationTimestamp": f"2026-01-01T00:00:{next(counter):02d}Z"}})
+        return obj.raw
+
+    # Below the tests' own reactions (priority 0), above kmock's built-in fallbacks (-inf).
+    (kmock ** -1)[kmock.action.CREATE] << 201 << stamp
+    kmock.resources["v1/pods"] = {}
+    return kmock
+
+
+@pytest.fixture
+def api(kmock) -> client.ApiClient:
+    return client.ApiClient(client.Configuration(host=str(kmock.url).rstrip("/")))
+
+
+@pytest.fixture
+def pod_logs(kmock):
+    """Canned container logs: {(pod, container): text, or a list of chunks streamed with follow=true}."""
+    store: dict[tuple[str, str], str | list[str]] = {}
+
+    def serve(request):
+        log = store.get((request.name, request.params.get("container")))
+        if log is None:
+            # Raised, not returned as kmock.Response(status=400): a returned Response's status sticks to
+            # the reaction and would answer every later request 400 too.
+            raise kmocklib.KubernetesError(400, "BadRequest", f'container "{request.params.get("container")}" '
+                                                              f'in pod "{request.name}" is waiting to start: '
+                                                              "PodInitializing")
+        if isinstance(log, list):
+            if request.params.get("follow") == "true":
+                return tuple(chunk.encode() for chunk in log)  # a tuple is streamed chunk by chunk
+            log = "".join(log)
+        if "tailLines" in request.params:
+            log = "".join(log.splitlines(keepends=True)[-int(request.params["tailLines"]):])
+        return log.encode()
+
+    kmock["get", kmock.resource("v1/pods"), kmock.subresource("log")] << serve
+    return store

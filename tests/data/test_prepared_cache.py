@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import SHARED
 from tuner.data import prepared_cache
 from tuner.data.prepare import STORE_FILE, prepare
 from tuner.spec.config_sections import DatasetSection
 
-PHI3 = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "phi-3-mini-4k-instruct"
+PHI3 = SHARED / "tokenizers" / "phi-3-mini-4k-instruct"
 ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
         for i in range(10)]
 FILES = [("000-rows.jsonl", "a" * 64)]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
+from conftest import SHARED
 from tuner.data.formats import (
     EMPTY_CONTENT,
     MALFORMED,
@@ -22,7 +22,7 @@ from tuner.data.formats import (
 from tuner.data.readers import file_columns, iter_chunks
 from tuner.errors import UserError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED / "data"
 
 
 def sample(row: dict, columns: list[str] | None = None, mapping: ColumnMapping | None = None):

@@ -2,49 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
+from job_support import ROWS, configmap, sha256_of, unpack_layout, workspace
 from tuner import cli
-from tuner.oci.image import LAYER_MEDIA_TYPE, blob_path, read_oci_layout
 from tuner.oci.registry import pull_image
-from tuner.oci.unpack import unpack_data_dir
-from tuner.spec.targets import OciLayoutTarget, RegistryOptions
-
-ROWS = [
-    {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
-    for i in range(6)
-]
-
-
-def workspace(tmp_path: Path, urls: list[str], method: str = "lora") -> Path:
-    doc = {
-        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": "e2e"},
-        "resource": {"instanceType": "Standard_NC6s_v3"},
-        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": method, "config": "e2e-params",
-                   "input": {"urls": urls},
-                   "output": {"image": "registry.example.com/e2e/adapter:1", "imagePushSecret": "push"}},
-    }
-    path = tmp_path / "workspace.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def configmap(tmp_path: Path, model_dir: Path) -> Path:
-    body = {"training_config": {
-        "ModelConfig": {"pretrained_model_name_or_path": str(model_dir)},
-        "TrainingArguments": {"max_steps": 6, "logging_steps": 2, "learning_rate": 0.01, "max_length": 64},
-    }}
-    path = tmp_path / "cm.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "e2e-params"},
-                                    "data": {"training_config.yaml": yaml.safe_dump(body)}}))
-    return path
+from tuner.spec.targets import RegistryOptions
 
 
 @pytest.fixture()
@@ -62,16 +30,6 @@ def finished_run(tmp_path, tiny_model_dir, served_rows, capsys):
     code = cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(configmap(tmp_path, tiny_model_dir)),
                      "--work-dir", str(tmp_path / "work"), "--output", f"oci:{layout}:v1", "--allow-private-urls"])
     return code, tmp_path, layout, capsys.readouterr().out
-
-
-def unpack_layout(layout: Path, dest: Path) -> list[Path]:
-    """The files of the adapter image tagged v1 in an OCI layout, unpacked into dest."""
-    image = read_oci_layout(OciLayoutTarget(layout, "v1"))
-    return unpack_data_dir([(blob_path(layout, image.layer.digest), LAYER_MEDIA_TYPE)], dest)
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_run_writes_an_image_whose_files_equal_the_adapter(finished_run):

@@ -9,29 +9,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from job_support import seed_workspace
 from tuner import cli
 from tuner.errors import UserError
 from tuner.kube.render import RenderOptions, render
 from tuner.spec.plan import plan_job
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed-examples" / "workspace-phi-3-mini-tuning.yaml"
 K8S_VERSIONS = [f"1.{minor}.0" for minor in range(30, int(kubernetes_validate.latest_version().split(".")[1]) + 1)]
-PUSH = {"image": "myacr.azurecr.io/adapters/phi3:0.0.1", "imagePushSecret": "acr-push"}
-
-
-def seed_workspace(tmp_path: Path, *, instance: str = "Standard_NC6s_v3", count: int = 1, input_: dict | None = None,
-                   output: dict | None = None, name: str = "phi3-qlora") -> Path:
-    """The seed's tuning example with a valid image name, varied where a test says."""
-    doc = yaml.safe_load(SEED.read_text())
-    doc["metadata"]["name"] = name
-    doc["resource"]["instanceType"] = instance
-    doc["resource"]["count"] = count
-    doc["tuning"]["output"] = output or PUSH
-    if input_ is not None:
-        doc["tuning"]["input"] = input_
-    path = tmp_path / "workspace.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def rendered(path: Path, **options) -> dict[str, dict]:

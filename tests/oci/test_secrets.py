@@ -8,8 +8,8 @@ import json
 
 import yaml
 
+from job_support import ROWS, configmap
 from registry_support import skopeo, skopeo_auth_args
-from test_run import ROWS, configmap
 from tuner import cli
 
 URL_TOKEN = "sig-url-token-5e1f0c"

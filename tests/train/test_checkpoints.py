@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_run import ROWS, workspace
+from job_support import ROWS, workspace
 from tuner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 from tuner.train.checkpoints import COMPLETE_MARKER, IDENTITY_FILE
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SHARED_DATASETS
+from conftest import SHARED, SHARED_DATASETS
 from tuner.data import formats
 from tuner.data.chat_render import ChatRenderer
 from tuner.data.encode import Encoder
@@ -19,7 +19,6 @@ from tuner.data.prepare import prepare
 from tuner.errors import UserError
 from tuner.spec.config_sections import DatasetSection
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
 
 # One small row per format, and what the real Phi-3 tokenizer must turn it into: the exact ids and

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATASETS
+from conftest import SHARED, SHARED_DATASETS
 from tuner import cli
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED / "data"
 
 
 @pytest.mark.parametrize("name", list(SHARED_DATASETS))

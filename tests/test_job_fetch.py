@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_run import ROWS, configmap, sha256_of, workspace
+from job_support import ROWS, configmap, sha256_of, workspace
 from tuner import cli
 
 

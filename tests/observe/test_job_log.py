@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from conftest import serving
-from test_run import unpack_layout, workspace
+from job_support import unpack_layout, workspace
 from tuner.observe.events import TYPES
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_run import ROWS, configmap, unpack_layout, workspace
+from job_support import ROWS, configmap, unpack_layout, workspace
 from tuner.spec.presets import get_preset
 from tuner.spec.training_config import build_config, load_config_file
 
@@ -201,8 +201,8 @@ def test_two_nodes_preempted_resume_from_the_latest_checkpoint_both_hold(tmp_pat
                                                                          lora_shapes):
     """Each node checkpoints into its own work dir; SIGTERM on one node stops both at the same step with
     143; when one node's newest checkpoint is lost, both resume from the newest they share."""
-    from test_resume import MAX_STEPS, Run, complete_steps, resumed_from
-    from test_resume import config as checkpointing_config
+    from test_checkpoints import MAX_STEPS, Run, complete_steps, resumed_from
+    from test_checkpoints import config as checkpointing_config
 
     root, base = http_server
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
