@@ -11,7 +11,7 @@ import yaml
 
 from job_support import ROWS, configmap, sha256_of, unpack_layout, workspace
 from tuner import cli
-from tuner.oci.registry import pull_image
+from tuner.oci.pull import pull_image
 from tuner.spec.targets import RegistryOptions
 
 

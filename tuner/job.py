@@ -58,6 +58,9 @@ def run_job(plan: JobPlan, *, skip_fetch: bool = False, restart: bool = False) -
     exits with EXIT_PREEMPTED (143), writing no adapter.
     """
     ranks = distributed.ranks_from_env()
+    if ranks.distributed and ranks.is_node_leader and not ranks.is_main:  # its last line before rank 0 speaks
+        events.info(f"rank {ranks.rank} of {ranks.world_size} (node {ranks.node}): preparing this node's data, "
+                    "then training; rank 0 logs the progress")
     with distributed.process_group(ranks, timedelta(seconds=plan.config.training_arguments.ddp_timeout)), \
             distributed.quiet_unless_main(ranks):
         if ranks.is_main:  # closed by the CLI once the job's last event (success or failure) is in
@@ -128,9 +131,6 @@ def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) ->
 
 def _announce(plan: JobPlan, ranks: Ranks) -> None:
     """The job.started event, then what the plan decided and warned about."""
-    if ranks.distributed and ranks.is_node_leader and not ranks.is_main:
-        events.info(f"rank {ranks.rank} of {ranks.world_size} (node {ranks.node}): preparing this node's data, "
-                    "then training; rank 0 logs the progress")
     name, tuning, devices = plan.workspace.metadata.name, plan.workspace.tuning, ranks.devices()
     events.emit("job.started", f"tuner {__version__}: workspace {name} | preset {plan.preset.name} | method "
                                f"{tuning.method} | {devices} | work dir {plan.work.root}",

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tuner.data import fetch
+from tuner.data import download
 from tuner.data.fetch import fetch_inputs
 from tuner.errors import UserError
 from tuner.spec.workspace import DataSource
@@ -76,7 +76,7 @@ def send_range(handler: BaseHTTPRequestHandler, etag: str = '"v1"') -> None:
 
 @pytest.fixture()
 def server(monkeypatch) -> Iterator[Server]:
-    monkeypatch.setattr(fetch, "_BACKOFF", 0.0)
+    monkeypatch.setattr(download, "_BACKOFF", 0.0)
     monkeypatch.delenv("TUNER_MAX_DOWNLOAD_BYTES", raising=False)
     monkeypatch.delenv("TUNER_URL_HEADERS_FILE", raising=False)
     scripted = Server()
@@ -89,7 +89,7 @@ def server(monkeypatch) -> Iterator[Server]:
         scripted.httpd.server_close()
 
 
-def get(url: str, tmp_path) -> list[fetch.InputFile]:
+def get(url: str, tmp_path) -> list[download.InputFile]:
     return fetch_inputs(DataSource(urls=[url]), tmp_path / "inputs", base_dir=tmp_path, allow_private_urls=True)
 
 
@@ -126,7 +126,7 @@ def test_a_read_timeout_mid_body_resumes(server, tmp_path, monkeypatch):
 
 
 def test_a_part_left_by_a_killed_run_resumes_and_a_finished_file_is_not_fetched_again(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(fetch, "_RESUMES", 0)
+    monkeypatch.setattr(download, "_RESUMES", 0)
     server.respond = lambda h, n: send(h, BODY[:CUT], length=len(BODY), headers={"ETag": '"v1"'}) if n == 0 \
         else send_range(h)
     url = f"{server.url}/train.jsonl#sha256={DIGEST}"

@@ -18,8 +18,9 @@ import pytest
 from registry_support import FaultProxy, RegistryServer, TokenAuthProxy, skopeo, skopeo_auth_args
 from tuner import cli
 from tuner.errors import UserError
+from tuner.observe.summary import JobSummary
 from tuner.oci.publish import publish
-from tuner.oci.registry import pull_image
+from tuner.oci.pull import pull_image
 from tuner.oci.unpack import unpack_data_dir
 from tuner.spec.targets import RegistryOptions
 
@@ -36,13 +37,18 @@ def work_dir(tmp_path_factory, tiny_model_dir) -> Path:
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(work / "adapter")
-    (work / "adapter" / "training_summary.json").write_text(json.dumps({
-        "workspace": "phi-3-adapter", "preset": "smollm2-135m-instruct", "method": "qlora", "tuner_version": "0.1.0",
-        "base_model": {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "12fd25f7"},
-        "datasets": [{"source": "https://data.example/a.parquet", "sha256": "ab" * 32, "bytes": 10}],
-        "config_digest": "sha256:" + "cd" * 32, "train": {"train_loss": 1.23456},
-        "eval": {"rows": 2, "base_loss": 3.0, "adapter_loss": 1.5},
-        "finished": "2026-11-24T12:00:00Z"}))
+    JobSummary(
+        tuner_version="0.1.0", workspace="phi-3-adapter", preset="smollm2-135m-instruct", method="qlora",
+        base_model={"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "12fd25f7"},
+        config_digest="sha256:" + "cd" * 32, config={},
+        datasets=[{"source": "https://data.example/a.parquet", "sha256": "ab" * 32, "bytes": 10}],
+        data={}, max_length=64, world_size=1,
+        train={"steps": 4, "total_steps": 4, "epochs": 1.0, "train_loss": 1.23456, "final_loss": 1.2,
+               "tokens_seen": 512, "tokens_per_second": 100.0, "seconds": 5.1, "precision": "float32",
+               "trainable_parameters": 8192},
+        eval={"rows": 2, "base_loss": 3.0, "adapter_loss": 1.5}, loss_history=[], stage_seconds={"train": 5.1},
+        started="2026-11-24T11:59:00Z", finished="2026-11-24T12:00:00Z", job={},
+    ).write(work / "adapter" / "training_summary.json")
     return work
 
 

@@ -44,8 +44,7 @@ def lora_shapes(tmp_path, tiny_model_dir) -> dict[str, tuple[int, ...]]:
     from transformers import AutoModelForCausalLM
 
     config = build_config("lora", load_config_file(configmap(tmp_path, tiny_model_dir)))
-    lora = LoraConfig(**config.lora, target_modules=list(get_preset("smollm2-135m-instruct").lora_target_modules),
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(**config.lora.values() | {"target_modules": list(get_preset("smollm2-135m-instruct").lora_target_modules)})
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
     return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
 

@@ -300,7 +300,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"pushed {args.image}@{published.digest}")
         return EXIT_OK
     if args.command == "pull":
-        from tuner.oci.registry import pull_image
+        from tuner.oci.pull import pull_image
 
         pulled = pull_image(args.image, args.dest, _registry_options(args))
         print(f"pulled {args.image}@{pulled.digest}: {len(pulled.files)} files in {args.dest}")

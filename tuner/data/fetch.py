@@ -31,7 +31,7 @@ def fetch_inputs(source: DataSource, dest: Path, *, base_dir: Path, allow_privat
 
 def _image_files(reference: str, dest: Path, registry: RegistryOptions) -> list[InputFile]:
     """Pull a dataset image's /data (again only if an earlier pull did not finish)."""
-    from tuner.oci.registry import pull_image
+    from tuner.oci.pull import pull_image
 
     if not dest.is_dir():
         try:

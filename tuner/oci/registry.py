@@ -1,9 +1,9 @@
-"""Push and pull adapter images over the OCI distribution API, with oras-py.
+"""The registry client under push and pull (tuner.oci.pull), and the push, over the OCI distribution API with oras-py.
 
 oras-py 0.2.43 speaks the protocol (blob existence checks, upload sessions, blob and manifest
 URLs); tuner adds what a job runner needs on top of it:
 
-- credentials from the mounted push secret (`tuner.credentials`), answering both Basic and Bearer
+- credentials from the mounted push secret (`tuner.spec.credentials`), answering both Basic and Bearer
   challenges (password or identity token) and sending them up front once known, so a large blob
   is never sent twice;
 - a bounded retry policy (tenacity) around whole operations: 5xx, 429 and dropped connections
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,25 +33,17 @@ import tenacity
 
 from tuner.errors import UserError, quote
 from tuner.observe import events
-from tuner.oci import descriptors
 from tuner.oci.image import (
-    INDEX_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
-    REQUIRED_ADAPTER_FILES,
     blob_path,
-    digest_hex,
     read_layout_manifest,
 )
 from tuner.spec.credentials import Credentials, docker_config_file, load_credentials
 from tuner.spec.targets import OciLayoutTarget, RegistryOptions
-from tuner.workdir import scratch_dir
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-_INDEX_TYPES = (INDEX_MEDIA_TYPE, DOCKER_MANIFEST_LIST)
-_MANIFEST_TYPES = (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST)
 _TIMEOUT = (30, 300)  # seconds to connect, seconds between bytes
-_MAX_MANIFEST_BYTES = 4 << 20  # the distribution spec's recommended manifest limit
 # Blobs go up in PATCH chunks of this size, so pushing a multi-GB adapter holds one chunk in memory
 # (oras's monolithic put_upload reads the whole blob). 64 MB chunks measured as fast as one PUT.
 _UPLOAD_CHUNK = 64 << 20
@@ -68,15 +58,7 @@ class PushResult:
     skipped_blobs: int
 
 
-@dataclass(frozen=True)
-class PullResult:
-    reference: str
-    digest: str
-    files: list[Path]
-    labels: dict[str, str]
-
-
-class _Transient(Exception):
+class Transient(Exception):
     """A failure worth retrying: 5xx, 429, or a mismatch that a fresh attempt may not repeat."""
 
 
@@ -128,7 +110,7 @@ class _ChallengeAuth(oras.auth.base.AuthBackend):
             response = self.session.get(challenge.realm, params=params, auth=auth, verify=self._tls_verify,
                                         timeout=_TIMEOUT)
         if response.status_code >= 500 or response.status_code == 429:
-            raise _Transient(f"token service {challenge.realm} answered {response.status_code}")
+            raise Transient(f"token service {challenge.realm} answered {response.status_code}")
         if response.status_code != 200:
             return None
         body = response.json()
@@ -150,7 +132,7 @@ class RegistryClient(oras.provider.Registry):
 
     def do_request(self, url: str, method: str = "GET", data: Any = None, headers: dict | None = None,
                    json: dict | None = None, stream: bool = False) -> requests.Response:
-        """One HTTP exchange, answering an auth challenge once; 5xx/429 raise _Transient, 401/403 UserError."""
+        """One HTTP exchange, answering an auth challenge once; 5xx/429 raise Transient, 401/403 UserError."""
         def send() -> requests.Response:
             return self.session.request(method, url, data=data, json=json, headers=(headers or {}) | self.auth.header(),
                                         stream=stream, verify=self._tls_verify, timeout=_TIMEOUT)
@@ -166,7 +148,7 @@ class RegistryClient(oras.provider.Registry):
         if response.status_code in (401, 403):
             raise self._auth_error(response.status_code)
         if response.status_code >= 500 or response.status_code == 429:
-            raise _Transient(f"{method} {_path(url)} answered {response.status_code}")
+            raise Transient(f"{method} {_path(url)} answered {response.status_code}")
         return response
 
     def _auth_error(self, status: int) -> UserError:
@@ -188,14 +170,14 @@ class RegistryClient(oras.provider.Registry):
                         f"(attempt {state.attempt_number + 1})")
 
         retryer = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type((_Transient, requests.ConnectionError, requests.Timeout,
+            retry=tenacity.retry_if_exception_type((Transient, requests.ConnectionError, requests.Timeout,
                                                     requests.exceptions.ChunkedEncodingError)),
             stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
             wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=15, jitter=0.5),
             before_sleep=log_retry, reraise=True)
         try:
             return retryer(operation)
-        except (_Transient, requests.RequestException) as e:
+        except (Transient, requests.RequestException) as e:
             raise UserError(f"{what} failed after {self.options.retry_seconds:.0f}s of retries: {_reason(e)}",
                             where=f"registry {self.hostname}") from None
 
@@ -213,7 +195,7 @@ def _path(url: str) -> str:
     return "/" + url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
 
 
-def _container(reference: str) -> oras.container.Container:
+def container_of(reference: str) -> oras.container.Container:
     """The oras view of a registry reference, normalised as Kaito reads it, addressed at the host
     that serves the registry API (Docker Hub's names live on registry-1.docker.io)."""
     from tuner.spec.targets import RegistryTarget, parse_output_ref
@@ -229,7 +211,7 @@ def _container(reference: str) -> oras.container.Container:
 
 def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOptions) -> PushResult:
     """Copy the image tagged source.tag in an OCI layout to `reference`, skipping blobs it has."""
-    container = _container(reference)
+    container = container_of(reference)
     if container.digest:
         raise UserError(f"cannot push to a digest reference ({reference})", fix="push to a tag: REGISTRY/REPO:TAG")
     manifest_bytes, manifest = read_layout_manifest(source)
@@ -256,7 +238,7 @@ def push_layout(source: OciLayoutTarget, reference: str, options: RegistryOption
         uploaded += size
         events.info(f"push: {label} uploaded in {seconds:.1f}s ({size / seconds / 1e6:,.0f} MB/s)"
                     + ("" if response.status_code == 201 else f", HTTP {response.status_code}"))
-    response = client.retrying(deadline, "uploading the manifest", lambda: _check_upload(client.do_request(
+    response = client.retrying(deadline, "uploading the manifest", lambda: check_response(client.do_request(
         url, "PUT", data=manifest_bytes, headers={"Content-Type": manifest.get("mediaType", MANIFEST_MEDIA_TYPE)})))
     echoed = response.headers.get("Docker-Content-Digest")
     if echoed and echoed != image_digest:
@@ -277,11 +259,11 @@ def _upload(client: RegistryClient, path: Path, container: oras.container.Contai
     try:
         response = client.chunked_upload(str(path), container, descriptor, chunk_size=_UPLOAD_CHUNK)
     except ValueError as e:  # oras: a chunk was refused, e.g. the upload session expired; start a new one
-        raise _Transient(str(e).split("?", 1)[0]) from None
-    return _check_upload(response)
+        raise Transient(str(e).split("?", 1)[0]) from None
+    return check_response(response)
 
 
-def _check_upload(response: requests.Response) -> requests.Response:
+def check_response(response: requests.Response) -> requests.Response:
     if response.status_code not in (200, 201, 202):
         raise UserError(f"registry answered {response.status_code} to {response.request.method} "
                         f"{_path(response.request.url or '')}: {_registry_error(response)}")
@@ -294,130 +276,3 @@ def _registry_error(response: requests.Response) -> str:
         return "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or response.reason
     except (ValueError, AttributeError):
         return response.reason or "no details"
-
-
-def pull_image(reference: str, dest: Path, options: RegistryOptions, platform: tuple[str, str] = ("linux", "amd64"),
-               required: tuple[str, ...] = REQUIRED_ADAPTER_FILES) -> PullResult:
-    """Download the image at `reference` and unpack its /data files into dest (new or empty).
-
-    `required` names files /data must hold: the adapter's by default; () for a dataset image.
-    """
-    from tuner.oci.unpack import unpack_data_dir
-
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise UserError(f"{dest} exists and is not an empty directory", fix="pull into a new directory")
-    container = _container(reference)
-    client = RegistryClient(container.registry, options)
-    deadline = time.monotonic() + options.retry_seconds
-    where = f"registry {container.registry}, {reference}"
-    digest, manifest = _fetch_manifest(client, container, container.digest or container.tag, deadline)
-    if manifest.get("mediaType") in _INDEX_TYPES or "manifests" in manifest:
-        chosen = _choose_platform(descriptors.index(manifest, where), platform, reference)
-        digest, manifest = _fetch_manifest(client, container, chosen, deadline)
-    if manifest.get("mediaType", MANIFEST_MEDIA_TYPE) not in _MANIFEST_TYPES or not manifest.get("layers"):
-        raise UserError(f"{reference} is not a container image (manifest media type "
-                        f"{quote(manifest.get('mediaType'))})",
-                        fix="pull an image whose filesystem holds /data/adapter_config.json")
-    descriptors.manifest(manifest, where)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with scratch_dir(".tuner-pull-", dest.parent) as scratch:
-        blobs = Path(scratch, "blobs")
-        blobs.mkdir()
-        config = json.loads(_download_blob(client, container, manifest["config"], blobs, deadline).read_bytes())
-        layers = [(_download_blob(client, container, layer, blobs, deadline), layer.get("mediaType", ""))
-                  for layer in manifest["layers"]]
-        staging = Path(scratch, "data")
-        unpack_data_dir(layers, staging)
-        missing = [name for name in required if not (staging / name).is_file()]
-        if missing:
-            raise UserError(f"{reference} has no adapter: /data/{', /data/'.join(missing)} missing from its filesystem",
-                            fix="pull an image built by tuner or Kaito tuning (adapter files under /data)")
-        if not any(staging.rglob("*")):
-            raise UserError(f"{reference} has no files under /data", fix="put the files in the image's /data folder")
-        if dest.exists():
-            dest.rmdir()
-        shutil.move(staging, dest)
-    files = sorted(p for p in dest.rglob("*") if p.is_file())
-    labels = (config.get("config") or {}).get("Labels") or {}
-    return PullResult(reference, digest, files, labels)
-
-
-def _fetch_manifest(client: RegistryClient, container: oras.container.Container, ref: str,
-                    deadline: float) -> tuple[str, dict]:
-    """GET a manifest or index by tag or digest; verify it against the digest it is known by."""
-    url = f"{client.prefix}://{container.manifest_url(ref)}"
-    accept = ", ".join((MANIFEST_MEDIA_TYPE, INDEX_MEDIA_TYPE, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
-
-    def get() -> tuple[requests.Response, bytes]:
-        response = client.do_request(url, "GET", headers={"Accept": accept}, stream=True)
-        if response.status_code == 404:
-            raise UserError(f"{container.registry}/{container.api_prefix}:{ref} does not exist in the registry",
-                            fix="check the repository, tag and digest")
-        return response, _bounded_body(_check_upload(response), f"manifest {ref} from registry {container.registry}")
-
-    response, body = client.retrying(deadline, f"fetching manifest {ref}", get)
-    digest = "sha256:" + hashlib.sha256(body).hexdigest()
-    expected = ref if ref.startswith("sha256:") else response.headers.get("Docker-Content-Digest")
-    if expected and expected != digest:
-        raise UserError(f"manifest {ref} does not match its digest: got {digest}, expected {quote(expected)}")
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise UserError(f"manifest {ref} from registry {container.registry} is not JSON") from None
-    if not isinstance(document, dict):
-        raise UserError(f"manifest {ref} is {type(document).__name__} {quote(document)}, not a JSON object",
-                        where=f"registry {container.registry}",
-                        fix="the registry serves something that is not an OCI/Docker image; check the reference")
-    return digest, document
-
-
-def _bounded_body(response: requests.Response, what: str) -> bytes:
-    """The body, read no further than _MAX_MANIFEST_BYTES: an endless manifest is refused, not held."""
-    with response:
-        length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > _MAX_MANIFEST_BYTES:
-            raise UserError(f"{what} is {int(length):,} bytes, over the {_MAX_MANIFEST_BYTES:,} byte limit",
-                            fix="a manifest is kilobytes; check the registry and the reference")
-        body = bytearray()
-        for chunk in response.iter_content(chunk_size=1 << 16):
-            body += chunk
-            if len(body) > _MAX_MANIFEST_BYTES:
-                raise UserError(f"{what} is over the {_MAX_MANIFEST_BYTES:,} byte limit (read no further)",
-                                fix="a manifest is kilobytes; check the registry and the reference")
-        return bytes(body)
-
-
-def _choose_platform(index: dict, platform: tuple[str, str], reference: str) -> str:
-    entries = [m for m in index.get("manifests", []) if m.get("mediaType") in _MANIFEST_TYPES]
-    for entry in entries:
-        p = entry.get("platform") or {}
-        if (p.get("os"), p.get("architecture")) == platform:
-            return entry["digest"]
-    if len(entries) == 1:
-        return entries[0]["digest"]
-    raise UserError(f"{reference} is an index without a {platform[0]}/{platform[1]} image",
-                    fix="pull a single-platform image or the platform's manifest digest")
-
-
-def _download_blob(client: RegistryClient, container: oras.container.Container, descriptor: dict, folder: Path,
-                   deadline: float) -> Path:
-    """Stream a blob to folder/<hex>, verifying its sha256 and size; retried as a whole."""
-    digest, size = descriptor.get("digest", ""), descriptor.get("size")
-    path = folder / digest_hex(digest)
-
-    def download() -> Path:
-        sha256, received = hashlib.sha256(), 0
-        with client.get_blob(container, digest, stream=True) as response:
-            _check_upload(response)
-            with path.open("wb") as f:
-                for chunk in response.iter_content(chunk_size=1 << 20):
-                    sha256.update(chunk)
-                    received += len(chunk)
-                    if size is not None and received > size:
-                        raise UserError(f"blob {digest} is larger than the {size:,} bytes its descriptor says")
-                    f.write(chunk)
-        if "sha256:" + sha256.hexdigest() != digest or (size is not None and received != size):
-            raise _Transient(f"blob {digest} arrived corrupt ({received:,} bytes, sha256:{sha256.hexdigest()[:12]})")
-        return path
-
-    return client.retrying(deadline, f"downloading blob {digest[7:19]}", download)
