@@ -11,8 +11,9 @@ import yaml
 
 from job_support import ROWS, configmap, sha256_of, unpack_layout, workspace
 from tuner import cli
+from tuner.oci.image import read_oci_layout
 from tuner.oci.pull import pull_image
-from tuner.spec.targets import RegistryOptions
+from tuner.spec.targets import OciLayoutTarget, RegistryOptions
 
 
 @pytest.fixture()
@@ -73,6 +74,33 @@ def test_summary_records_data_steps_and_dataset_digests(finished_run, http_serve
     assert [d["sha256"] for d in summary["datasets"]] == [sha256_of(root / "part1.jsonl"), sha256_of(root / "part2.jsonl")]
     assert summary["method"] == "lora" and summary["preset"] == "smollm2-135m-instruct"
     assert set(summary["stage_seconds"]) == {"fetch", "load", "prepare", "train"}
+
+
+def test_summary_result_image_labels_and_termination_message_say_the_same_numbers(
+        tmp_path, tiny_model_dir, served_rows, capsys, monkeypatch):
+    """One record (JobSummary) writes them all, so they cannot drift apart."""
+    monkeypatch.setenv("TUNER_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    layout = tmp_path / "layout"
+    assert cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(configmap(tmp_path, tiny_model_dir)),
+                     "--work-dir", str(tmp_path / "work"), "--output", f"oci:{layout}:v1",
+                     "--allow-private-urls"]) == 0
+    summary = json.loads((tmp_path / "work" / "adapter" / "training_summary.json").read_text())
+    result = json.loads((tmp_path / "work" / "result.json").read_text())
+    outcome = json.loads((tmp_path / "termination-log").read_text())
+    image = read_oci_layout(OciLayoutTarget(layout, "v1"))
+    labels = json.loads(image.config.data)["config"]["Labels"]
+    assert summary["image"] is None and result["image"] == {"reference": f"oci:{layout}:v1",
+                                                            "digest": image.manifest.digest}
+    assert {k: v for k, v in result.items() if k not in ("image", "stage_seconds")} == \
+        {k: v for k, v in summary.items() if k not in ("image", "stage_seconds")}
+    assert set(result["stage_seconds"]) == set(summary["stage_seconds"]) | {"package"}
+    train = summary["train"]
+    assert labels["dev.tuner.train-loss"] == f"{train['train_loss']:.4f}"
+    assert labels["dev.tuner.config-digest"] == summary["config_digest"] == result["config_digest"]
+    assert labels["org.opencontainers.image.created"] == summary["finished"]
+    assert (outcome["steps"], outcome["trained_tokens"], outcome["train_loss"]) == (
+        train["steps"], train["tokens_seen"], round(train["train_loss"], 4))
+    assert outcome["image"] == f"oci:{layout}:v1@{image.manifest.digest}"
 
 
 def test_log_reports_data_and_progress(finished_run):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tuner.errors import UserError
@@ -46,9 +45,11 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
 
 def chat(preset_name: str, adapter_dir: Path | None, prompt: str, max_new_tokens: int = 128) -> str:
     """`tuner chat`: the preset's base model, plus the adapter when given, answers one prompt."""
+    from tuner.observe.summary import JobSummary
     from tuner.oci.image import REQUIRED_ADAPTER_FILES
     from tuner.spec.presets import get_preset
     from tuner.train.base_model import resolve_base_model
+    from tuner.workdir import SUMMARY_FILE
 
     preset = get_preset(preset_name)
     if adapter_dir is not None:
@@ -56,8 +57,8 @@ def chat(preset_name: str, adapter_dir: Path | None, prompt: str, max_new_tokens
         if missing:
             raise UserError(f"{adapter_dir} is not an adapter folder: {', '.join(missing)} missing",
                             where="--adapter", fix="pass a folder written by `tuner pull` or `tuner run`")
-        summary = adapter_dir / "training_summary.json"
-        trained_on = json.loads(summary.read_text()).get("preset") if summary.is_file() else None
+        summary = JobSummary.read(adapter_dir / SUMMARY_FILE)
+        trained_on = summary.preset if summary else None
         if trained_on and trained_on != preset.name:
             raise UserError(f"the adapter was trained on preset {trained_on}, not {preset.name}",
                             where="--preset", fix=f"pass --preset {trained_on}")
