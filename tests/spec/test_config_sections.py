@@ -9,6 +9,7 @@ from tuner.spec.config_sections import DatasetSection, LoraSection, TrainingSect
 from tuner.spec.training_config import build_config
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # the old name, on purpose
 @pytest.mark.parametrize("given", [{}, {"gradient_checkpointing": True}, {"activation_checkpointing": True},
                                    {"gradient_checkpointing": True, "activation_checkpointing": False},
                                    {"gradient_checkpointing": False, "activation_checkpointing": True}])

@@ -1,1 +1,1 @@
-"""PLACEHOLDER"""
+"""Dataset files to training examples: fetch, read, convert, render, encode, store, pack, cache."""

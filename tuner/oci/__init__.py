@@ -1,1 +1,1 @@
-"""PLACEHOLDER"""
+"""Adapter images: building them, the registry client, pulling and unpacking safely, publishing."""
