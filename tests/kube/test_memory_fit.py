@@ -22,7 +22,7 @@ SMOL = "smollm2-135m-instruct"
 
 
 def hf_config(name: str, **changes):
-    arch = get_preset(name).architecture.model_dump(exclude={"parameters", "rope_scaling"}) | changes
+    arch = get_preset(name).architecture.model_dump(exclude={"parameters", "rope_type"}) | changes
     return AutoConfig.for_model(arch.pop("model_type"), **arch)
 
 
@@ -187,8 +187,9 @@ LLAMA_7B = Preset.model_validate({
     "source": {"hub_id": "huggyllama/llama-7b", "revision": "0" * 40},
     "architecture": {"model_type": "llama", "parameters": 6_738_415_616, "hidden_size": 4096,
                      "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                     "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048},
-    "lora_target_modules": ["q_proj", "v_proj"],
+                     "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000,
+                     "max_position_embeddings": 2048},
+    "lora_target_modules": ["q_proj", "v_proj"], "chat_template_family": "llama2",
 })
 
 

@@ -14,14 +14,27 @@ PRESETS = sorted(all_presets())
 
 def meta_model(name: str):
     """The preset's architecture built on the meta device: real shapes, no memory."""
-    arch = get_preset(name).architecture.model_dump(exclude={"parameters", "rope_scaling"})
+    arch = get_preset(name).architecture.model_dump(exclude={"parameters", "rope_type"})
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
-def test_the_catalog_has_the_first_presets():
-    assert {"smollm2-135m-instruct", "phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct"} <= set(PRESETS)
+# Kaito's tunable presets (kaito-project/kaito presets/workspace/models/transformer_runtime_tuning_parameters.go,
+# at 056b8280) and tuner's offline default.
+KAITO_TUNABLE = {"phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct", "phi-3-medium-4k-instruct",
+                 "phi-3-medium-128k-instruct", "phi-3.5-mini-instruct", "phi-4", "phi-4-mini-instruct",
+                 "mistral-7b-v0.3", "qwen2.5-coder-7b-instruct", "qwen2.5-coder-32b-instruct"}
+
+
+def test_the_catalog_is_kaitos_tunable_presets_and_the_default():
+    assert set(PRESETS) == KAITO_TUNABLE | {"smollm2-135m-instruct"}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_the_counted_parameters_match_the_declared_count_within_one_percent(name):
+    architecture = get_preset(name).architecture
+    assert architecture.counted_parameters() == pytest.approx(architecture.parameters, rel=0.01)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -36,7 +49,7 @@ def test_lora_targets_exist_in_the_architecture(name):
     assert set(get_preset(name).lora_target_modules) <= leaf_names
 
 
-@pytest.mark.parametrize("name", ["phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct"])
+@pytest.mark.parametrize("name", sorted(KAITO_TUNABLE))
 def test_hub_presets_pin_a_full_commit(name):
     revision = get_preset(name).source.revision
     assert len(revision) == 40 and int(revision, 16) >= 0

@@ -90,12 +90,12 @@ class MemoryEstimate:
 def linear_shapes(arch: Architecture) -> dict[str, tuple[str, int, int]]:
     """Each decoder layer's linear modules: name -> (parent, in_features, out_features)."""
     h, i = arch.hidden_size, arch.intermediate_size
-    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
     if arch.model_type in _FUSED:
-        return {"qkv_proj": ("self_attn", h, h + 2 * kv), "o_proj": ("self_attn", h, h),
+        return {"qkv_proj": ("self_attn", h, q + 2 * kv), "o_proj": ("self_attn", q, h),
                 "gate_up_proj": ("mlp", h, 2 * i), "down_proj": ("mlp", i, h)}
-    return {"q_proj": ("self_attn", h, h), "k_proj": ("self_attn", h, kv), "v_proj": ("self_attn", h, kv),
-            "o_proj": ("self_attn", h, h), "gate_proj": ("mlp", h, i), "up_proj": ("mlp", h, i),
+    return {"q_proj": ("self_attn", h, q), "k_proj": ("self_attn", h, kv), "v_proj": ("self_attn", h, kv),
+            "o_proj": ("self_attn", q, h), "gate_proj": ("mlp", h, i), "up_proj": ("mlp", h, i),
             "down_proj": ("mlp", i, h)}
 
 
@@ -139,7 +139,7 @@ def _targeted(key: str, targets) -> bool:
 def activation_bytes_per_token_layer(arch: Architecture, config: TrainingConfig, max_length: int) -> float:
     """Bytes autograd keeps per token per decoder layer without gradient checkpointing."""
     h, i = arch.hidden_size, arch.intermediate_size
-    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
+    kv = arch.num_key_value_heads * arch.head_dim
     per_layer = 24 * h + (14 if config.quantized else 8) * i + 4 * kv
     if config.model.attn_implementation == "eager":
         per_layer += 6 * arch.num_attention_heads * max_length

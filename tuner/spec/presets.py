@@ -42,10 +42,22 @@ class Architecture(_Strict):
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
+    head_dim: int
     vocab_size: int
     max_position_embeddings: int
     tie_word_embeddings: bool = False
-    rope_scaling: dict | None = None
+    rope_type: str | None = None  # long-context RoPE scaling (longrope, yarn); None: plain RoPE
+
+    def counted_parameters(self) -> int:
+        """The parameter count of a decoder of these facts (embeddings, attention with grouped KV heads,
+        a gated MLP, RMS norms, the output head unless tied), without building it: tuner's planner
+        needs it on the submit side, where torch is not imported. Attention biases (Qwen2) are
+        left out: under 0.01% of any model here."""
+        h, layers = self.hidden_size, self.num_hidden_layers
+        attention = 2 * h * self.num_attention_heads * self.head_dim + 2 * h * self.num_key_value_heads * self.head_dim
+        per_layer = attention + 3 * h * self.intermediate_size + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.vocab_size * h + layers * per_layer + h + head
 
 
 class Preset(_Strict):
@@ -58,6 +70,7 @@ class Preset(_Strict):
     architecture: Architecture
     context_length: int
     lora_target_modules: tuple[str, ...]
+    chat_template_family: str  # phi3, phi4, chatml, mistral, llama3: the turn markers of its chat template
 
 
 def bundled_dir(name: str) -> Path:
