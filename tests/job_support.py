@@ -21,11 +21,11 @@ ROWS = [
 ]
 
 
-def workspace(tmp_path: Path, urls: list[str], method: str = "lora") -> Path:
+def workspace(tmp_path: Path, urls: list[str], method: str = "lora", preset: str = "smollm2-135m-instruct") -> Path:
     doc = {
         "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": "e2e"},
         "resource": {"instanceType": "Standard_NC6s_v3"},
-        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": method, "config": "e2e-params",
+        "tuning": {"preset": {"name": preset}, "method": method, "config": "e2e-params",
                    "input": {"urls": urls},
                    "output": {"image": "registry.example.com/e2e/adapter:1", "imagePushSecret": "push"}},
     }

@@ -103,6 +103,21 @@ def test_summary_result_image_labels_and_termination_message_say_the_same_number
     assert outcome["image"] == f"oci:{layout}:v1@{image.manifest.digest}"
 
 
+def test_a_hugging_face_model_id_trains_lora_on_every_linear_layer(tmp_path, tiny_model_dir, served_rows):
+    """Kaito accepts any ORG/MODEL id; a local folder stands in for the hub."""
+    work = tmp_path / "work"
+    assert cli.main(["run", str(workspace(tmp_path, served_rows, preset="tuner-tests/smollm2-2-layers")),
+                     "--config", str(configmap(tmp_path, tiny_model_dir)), "--work-dir", str(work),
+                     "--output", f"oci:{tmp_path / 'layout'}:v1", "--allow-private-urls"]) == 0
+    summary = json.loads((work / "adapter" / "training_summary.json").read_text())
+    assert summary["preset"] == "tuner-tests/smollm2-2-layers" and summary["train"]["steps"] == 6
+    assert summary["base_model"]["revision"] == f"local folder {tiny_model_dir}"
+    targets = json.loads((work / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted({target.rsplit(".", 1)[-1] for target in targets}) == [  # peft's all-linear, layer by layer
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(targets) == 2 * 7 and not any("lm_head" in target for target in targets)
+
+
 def test_log_reports_data_and_progress(finished_run):
     _, _, _, out = finished_run
     assert "6 rows" in out.replace(",", "") or "6 kept" in out

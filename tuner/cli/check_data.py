@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tuner.data.prepare import DataStats, prepare
 from tuner.spec.config_values import check_value
+from tuner.spec.hub_models import resolve_preset
 from tuner.spec.plan import effective_max_length
-from tuner.spec.presets import get_preset
 from tuner.spec.training_config import build_config, load_config_file
 from tuner.workdir import scratch_dir
 
@@ -20,8 +20,8 @@ def check_data(files: list[Path], *, preset_name: str, tokenizer_dir: Path | Non
 
     if max_length is not None:  # the same rule as TrainingArguments.max_length
         check_value("TrainingArguments", "max_length", max_length, "--max-length")
-    preset = get_preset(preset_name)
     config = build_config("lora", load_config_file(config_path) if config_path else None)
+    preset = resolve_preset(preset_name, config.model)
     tokenizer = base_model.load_tokenizer(tokenizer_dir or base_model.resolve_base_model(preset), config.model)
     length = max_length or effective_max_length(config, preset)
     with scratch_dir("tuner-check-") as scratch:

@@ -107,7 +107,7 @@ def linear_parameters(arch: Architecture) -> int:
 def lora_parameters(preset: Preset, lora: LoraSection) -> int:
     """Trainable parameters peft adds for this LoraConfig (target_modules default: the preset's)."""
     arch = preset.architecture
-    targets = lora.target_modules or list(preset.lora_target_modules)
+    targets = lora.target_modules or preset.lora_targets
     layers = lora.layers_to_transform
     layers = {layers} if isinstance(layers, int) else set(layers) if layers is not None else None
     rank_pattern = lora.rank_pattern or {}

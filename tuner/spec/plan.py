@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tuner.errors import UserError, quote
 from tuner.spec.credentials import docker_config_file, load_credentials, registry_key
-from tuner.spec.presets import Preset, get_preset
+from tuner.spec.hub_models import resolve_preset
+from tuner.spec.presets import Preset
 from tuner.spec.targets import OciLayoutTarget, RegistryOptions, RegistryTarget, parse_output_ref
 from tuner.spec.training_config import TrainingConfig, build_config, load_config_file
 from tuner.spec.workspace import Workspace, image_notes, load_workspace, local_host_path, normalisation_note
@@ -55,11 +56,11 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
     """
     workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
     tuning = workspace.tuning
-    preset = get_preset(tuning.preset.name)
     if config_path is None and tuning.config:
         raise UserError(f"tuning.config names the ConfigMap {quote(tuning.config)}, which a local run cannot read",
                         where=str(workspace_path), fix="pass its manifest with --config CONFIGMAP.yaml")
     config = build_config(tuning.method, load_config_file(config_path) if config_path else None)
+    preset = resolve_preset(tuning.preset.name, config.model)
     notes = image_notes(workspace, ("input",) if output else ("input", "output"))
     if output or tuning.output.image:
         try:

@@ -72,6 +72,11 @@ class Preset(_Strict):
     lora_target_modules: tuple[str, ...]
     chat_template_family: str  # phi3, phi4, chatml, mistral, llama3: the turn markers of its chat template
 
+    @property
+    def lora_targets(self) -> str | list[str]:
+        """LoraConfig.target_modules' default: the module names, or peft's "all-linear" (a model from the hub)."""
+        return "all-linear" if self.lora_target_modules == ("all-linear",) else list(self.lora_target_modules)
+
 
 def bundled_dir(name: str) -> Path:
     """A project folder (`presets`, `job_templates`): the source checkout's, else the wheel's copy."""

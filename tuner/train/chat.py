@@ -47,11 +47,12 @@ def chat(preset_name: str, adapter_dir: Path | None, prompt: str, max_new_tokens
     """`tuner chat`: the preset's base model, plus the adapter when given, answers one prompt."""
     from tuner.observe.summary import JobSummary
     from tuner.oci.image import REQUIRED_ADAPTER_FILES
-    from tuner.spec.presets import get_preset
+    from tuner.spec.config_sections import ModelSection
+    from tuner.spec.hub_models import resolve_preset
     from tuner.train.base_model import resolve_base_model
     from tuner.workdir import SUMMARY_FILE
 
-    preset = get_preset(preset_name)
+    preset = resolve_preset(preset_name, ModelSection())
     if adapter_dir is not None:
         missing = [name for name in REQUIRED_ADAPTER_FILES if not (adapter_dir / name).is_file()]
         if missing:

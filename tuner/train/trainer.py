@@ -278,7 +278,7 @@ def quantization_config(config: TrainingConfig) -> BitsAndBytesConfig:
 
 def _add_lora(model, config: TrainingConfig, preset: Preset):
     lora = config.lora.values()
-    lora.setdefault("target_modules", list(preset.lora_target_modules))
+    lora.setdefault("target_modules", preset.lora_targets)
     try:
         return get_peft_model(model, LoraConfig(**lora))
     except (ValueError, TypeError) as exc:
