@@ -268,14 +268,31 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _presets() -> None:
+    """`tuner presets`: the catalog, and the smallest known GPU each method needs at the default settings."""
+    from tuner.kube.memory_fit import smallest_gpu
+    from tuner.spec.plan import effective_max_length
+    from tuner.spec.presets import all_presets
+    from tuner.spec.training_config import build_config
+
+    print(f"{'PRESET':28} {'PARAMS':>7} {'CONTEXT':>7}  {'LORA (BF16)':24} {'QLORA (NF4)':24} DESCRIPTION")
+    for preset in all_presets().values():
+        needs = []
+        for method in ("lora", "qlora"):
+            config = build_config(method)
+            need, gpu = smallest_gpu(preset, config, effective_max_length(config, preset))
+            needs.append(f"{need.total:5.1f} GiB: {gpu.gpu_model if gpu else 'more than one GPU'}")
+        print(f"{preset.name:28} {preset.architecture.parameters / 1e9:6.1f}B {preset.context_length // 1024:6}k  "
+              f"{needs[0]:24} {needs[1]:24} {preset.description}")
+    print("Any Hugging Face model id (ORG/MODEL) works too: its facts come from its config.json. Sizes are one GPU's "
+          "at batch 1 and the default max_length; `tuner plan WORKSPACE` sizes a job.")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("check-data", "pull"):
         _stop_on_sigterm()
     if args.command == "presets":
-        from tuner.spec.presets import all_presets
-
-        for preset in all_presets().values():
-            print(f"{preset.name:28} {preset.description}")
+        _presets()
         return EXIT_OK
     if args.command == "check-data":
         from tuner.cli.check_data import check_data

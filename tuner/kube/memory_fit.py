@@ -186,6 +186,12 @@ def estimate(preset: Preset, config: TrainingConfig, max_length: int) -> MemoryE
         max_length=max_length, gradient_checkpointing=checkpointing)
 
 
+def smallest_gpu(preset: Preset, config: TrainingConfig, max_length: int) -> tuple[MemoryEstimate, GpuSku | None]:
+    """The estimate, and the smallest known GPU type that holds it (None: no single GPU does)."""
+    need = estimate(preset, config, max_length)
+    return need, smallest_with(need.total / USABLE_FRACTION)
+
+
 def check_fits(sku: GpuSku, estimate: MemoryEstimate, preset_name: str) -> None:
     """UserError when the estimate exceeds 95% of one GPU's memory (each GPU holds a whole replica)."""
     usable = sku.gpu_memory_gib * USABLE_FRACTION
