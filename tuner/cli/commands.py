@@ -87,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     log_format_argument(fetch)
     validate = commands.add_parser("validate", help="check a Workspace and training config without running")
     job_arguments(validate)
-    commands.add_parser("presets", help="list the base-model presets")
+    commands.add_parser("presets", help="list the base-model presets and the GPU each method needs")
+    plan = commands.add_parser("plan", help="size a job before booking GPUs: memory per GPU, batch, steps, duration")
+    plan.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
+    plan.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
+    plan.add_argument("--gpus", type=int, metavar="N", help="GPUs per node, for an instance type tuner does not know")
+    plan.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU in GiB, likewise")
+    plan.add_argument("--allow-private-urls", action="store_true", help="count data on localhost or private networks")
     check = commands.add_parser("check-data", help="report what preparation would do to dataset files, "
                                                    "without training")
     check.add_argument("files", type=Path, nargs="+", help="dataset files or folders")
@@ -293,6 +299,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         _stop_on_sigterm()
     if args.command == "presets":
         _presets()
+        return EXIT_OK
+    if args.command == "plan":
+        from tuner.cli.plan import plan
+
+        for line in plan(args.workspace, config_path=args.config, gpu_count=args.gpus, gpu_memory_gib=args.gpu_memory,
+                         allow_private_urls=args.allow_private_urls):
+            print(line)
         return EXIT_OK
     if args.command == "check-data":
         from tuner.cli.check_data import check_data
