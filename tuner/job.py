@@ -83,7 +83,7 @@ def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) ->
                       fetch.fetch_into(work, tuning.input, base_dir=plan.workspace_path.parent,
                                        allow_private_urls=plan.allow_private_urls, registry=plan.registry))
         with stages.stage("load"):
-            model_dir, tokenizer = base_model.load(plan.preset, plan.config.model)
+            model_dir, tokenizer = base_model.load(plan.preset, plan.config.model, plan.registry)
         with stages.stage("prepare"):
             prepared = prepared_cache.prepare_once(inputs, tokenizer, plan.config.dataset, plan.max_length,
                                                    work.prepared)
@@ -98,7 +98,7 @@ def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) ->
                         fix="give every node the same, unchanging files")
     inputs, finished = shared[ranks.node_leader][0], shared[0][1]  # rank 0's work dir decides for every rank
     if kept is None:  # the node's leader has fetched and prepared: load its work
-        model_dir, tokenizer = base_model.load(plan.preset, plan.config.model)
+        model_dir, tokenizer = base_model.load(plan.preset, plan.config.model, plan.registry)
         prepared = prepared_cache.load(work.prepared)
     else:
         model_dir, tokenizer, prepared = kept

@@ -182,22 +182,57 @@ def test_the_refusal_names_an_instance_type_that_would_fit():
         check_fits(lookup("g4dn.xlarge"), need, PHI3)
 
 
-LLAMA_7B = Preset.model_validate({
-    "name": "llama-7b", "description": "LLaMA-7B shape", "license": "other", "context_length": 2048,
-    "source": {"hub_id": "huggyllama/llama-7b", "revision": "0" * 40},
-    "architecture": {"model_type": "llama", "parameters": 6_738_415_616, "hidden_size": 4096,
-                     "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                     "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000,
-                     "max_position_embeddings": 2048},
-    "lora_target_modules": ["q_proj", "v_proj"], "chat_template_family": "llama2",
-})
+def llama(name: str, **facts) -> Preset:
+    """A Llama-family shape; the facts are torchtune's model builders (torchtune/models/llama2,
+    llama3_1 _model_builders.py), the counts equal their published parameter counts."""
+    architecture = {"model_type": "llama", "head_dim": facts["hidden_size"] // facts["num_attention_heads"],
+                    "max_position_embeddings": 131072, "parameters": 0, **facts}
+    preset = Preset.model_validate({
+        "name": name, "description": name, "license": "other", "context_length": 131072,
+        "source": {"hub_id": f"meta-llama/{name}", "revision": "0" * 40}, "architecture": architecture,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "chat_template_family": "llama"})
+    counted = preset.architecture.counted_parameters()
+    return preset.model_copy(update={"architecture": preset.architecture.model_copy(update={"parameters": counted})})
 
 
-def test_llama_7b_qlora_is_near_the_published_5_to_6_gb():
-    config = build_config("qlora", {"TrainingArguments": {"gradient_checkpointing": True}})
-    assert 5.0 <= estimate(LLAMA_7B, config, 512).total <= 7.0
+LLAMA2_7B = llama("Llama-2-7b", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+LLAMA31_8B = llama("Llama-3.1-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
+LLAMA_FACTORY = "LLaMA-Factory wiki, Performance-comparison (2024-04-15): LLaMA-2-7B, LoRA r8 on all linears"
+UNSLOTH = ("unslothai/unsloth README.md @0acd1c7e lines 398-407 (unsloth.ai/blog/llama3-3), 'HF + FA2' column: "
+           "Llama-3.1-8B QLoRA r32 on all linears, batch 1, the longest rows that fit the GPU")
 
 
-def test_llama_7b_lora_bf16_is_near_the_published_16_to_18_gb():
-    config = build_config("lora", {"TrainingArguments": {"gradient_checkpointing": True}})
-    assert 14.5 <= estimate(LLAMA_7B, config, 512).total <= 18.0
+@pytest.mark.parametrize("preset,method,batch,length,rank,measured,source", [
+    (LLAMA2_7B, "lora", 4, 1024, 8, 18, LLAMA_FACTORY + ", bf16, batch 4"),
+    (LLAMA2_7B, "qlora", 4, 1024, 8, 9, LLAMA_FACTORY + ", 4-bit, batch 4"),
+    (LLAMA2_7B, "qlora", 1, 1024, 8, 6, LLAMA_FACTORY + ", 4-bit, batch 1, FlashAttention-2"),
+    (LLAMA2_7B, "qlora", 1, 4096, 8, 9, LLAMA_FACTORY + ", 4-bit, batch 1, FlashAttention-2"),
+    (LLAMA2_7B, "qlora", 1, 8192, 8, 12, LLAMA_FACTORY + ", 4-bit, batch 1, FlashAttention-2"),
+    (LLAMA2_7B, "qlora", 1, 16384, 8, 19, LLAMA_FACTORY + ", 4-bit, batch 1, FlashAttention-2"),
+    (LLAMA31_8B, "qlora", 1, 5789, 32, 24, UNSLOTH + ": 5,789 tokens on 24 GB"),
+    (LLAMA31_8B, "qlora", 1, 12264, 32, 40, UNSLOTH + ": 12,264 tokens on 40 GB"),
+    (LLAMA31_8B, "qlora", 1, 28454, 32, 80, UNSLOTH + ": 28,454 tokens on 80 GB"),
+], ids=["lf-lora-b4", "lf-qlora-b4", "lf-qlora-1k", "lf-qlora-4k", "lf-qlora-8k", "lf-qlora-16k",
+        "unsloth-24gb", "unsloth-40gb", "unsloth-80gb"])
+def test_the_estimate_is_within_25_percent_of_published_peaks(preset, method, batch, length, rank, measured, source):
+    """Peak GPU memory of the same stack (transformers + peft + bitsandbytes, gradient checkpointing on).
+    Left out, and why: LLaMA-Factory's 32k row (1.30x: its QLoRA keeps norms in bf16, tuner's
+    prepare_model_for_kbit_training upcasts them to fp32, so tuner really holds more); PEFT's
+    MetaMathQA Llama-3.2-3B run (the longest batch is not published: 1.03x at 550 tokens, 1.29x at
+    the 768 cap); torchtune's README table (compile, chunked loss, activation offloading and bf16
+    embeddings: 1.7-5.6x, a lower bound for a different stack)."""
+    config = build_config(method, {"TrainingArguments": {"per_device_train_batch_size": batch,
+                                                         "gradient_checkpointing": True},
+                                   "LoraConfig": {"r": rank, "lora_alpha": 2 * rank,
+                                                  "target_modules": list(preset.lora_target_modules)}})
+    assert estimate(preset, config, length).total == pytest.approx(measured, rel=0.25), source
+
+
+def test_the_parameter_counts_of_the_validation_shapes_are_the_published_ones():
+    assert LLAMA2_7B.architecture.parameters == 6_738_415_616
+    assert LLAMA31_8B.architecture.parameters == 8_030_261_248
+
+

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--gpus", type=int, metavar="N", help="GPUs per node, for an instance type tuner does not know")
         sub.add_argument("--gpu-memory", type=float, metavar="GIB", help="memory per GPU in GiB, likewise")
         sub.add_argument("--backoff-limit", type=int, default=3, help="retries after failures (default 3)")
+        sub.add_argument("--model-cache-pvc", metavar="CLAIM",
+                         help="a ReadWriteMany claim shared by jobs as the model cache: the first job fills it, "
+                              "later ones read it")
         sub.add_argument("--url-headers-secret", metavar="SECRET",
                          help="Secret whose key headers.json holds HTTP headers per dataset host "
                               '({"host": {"Authorization": "..."}}), mounted for the fetch container')
@@ -155,6 +158,7 @@ def _render(args: argparse.Namespace):
         work_pvc=args.work_pvc, storage_class=args.storage_class, storage_size=args.storage_size, gpus=args.gpus,
         gpu_memory_gib=args.gpu_memory, backoff_limit=args.backoff_limit,
         insecure_registries=tuple(args.insecure_registry), url_headers_secret=args.url_headers_secret,
+        model_cache_pvc=args.model_cache_pvc,
         log_format=args.job_log_format))
 
 

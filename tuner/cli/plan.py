@@ -69,7 +69,7 @@ def _data(job: JobPlan) -> tuple[DataStats | None, str]:
         try:
             inputs = fetch_inputs(source, scratch / "inputs", base_dir=job.workspace_path.parent,
                                   allow_private_urls=job.allow_private_urls, registry=job.registry)
-            tokenizer = base_model.load(job.preset, job.config.model)[1]
+            tokenizer = base_model.load(job.preset, job.config.model, job.registry)[1]
             return prepare([f.path for f in inputs], tokenizer, max_length=job.max_length, out_dir=scratch / "prepared",
                            dataset=job.config.dataset).stats, ""
         except UserError as exc:

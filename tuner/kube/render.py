@@ -33,6 +33,7 @@ CONFIG_DIR = "/etc/tuner"
 WORK_MOUNT = "/workspace"
 WORK_DIR = f"{WORK_MOUNT}/work"
 INPUT_MOUNT = "/mnt/input"
+MODEL_CACHE_MOUNT = "/mnt/model-cache"
 OUTPUT_MOUNT = CLUSTER_OUTPUT_DIR
 PUSH_SECRET_DIR = f"{CONFIG_DIR}/push-secret"
 PULL_SECRET_DIR = f"{CONFIG_DIR}/pull-secret"
@@ -58,6 +59,7 @@ class RenderOptions:
     grace_seconds: int = distributed.DEFAULT_GRACE_SECONDS  # time to save a checkpoint after SIGTERM
     insecure_registries: tuple[str, ...] = ()
     url_headers_secret: str | None = None  # a Secret with key headers.json: HTTP headers per dataset host
+    model_cache_pvc: str | None = None  # a ReadWriteMany claim jobs share as their model cache
     log_format: str = "text"  # "json": one JSON event per log line (TUNER_LOG_FORMAT)
 
 
@@ -122,15 +124,18 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
     command = _launcher(sku.gpu_count, nodes, f"{job_name}-0.{service_name}")
     if command:
         run_args = ["-m", "tuner.cli", *run_args]
-    env = [{"name": "HF_HOME", "value": f"{WORK_MOUNT}/cache/huggingface"},
+    cache = MODEL_CACHE_MOUNT if options.model_cache_pvc else f"{WORK_MOUNT}/cache"
+    env = [{"name": "HF_HOME", "value": f"{cache}/huggingface"},
            {"name": "OMP_NUM_THREADS", "value": "4"},
-           {"name": "TUNER_CACHE_DIR", "value": f"{WORK_MOUNT}/cache/tuner"},
+           {"name": "TUNER_CACHE_DIR", "value": f"{cache}/tuner"},
            {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
            {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
            if nodes > 1 else {"name": "NODE_RANK", "value": "0"}]
     if tuning.output.image:
         env.append({"name": "DOCKER_CONFIG", "value": PUSH_SECRET_DIR})
+    if access := tuning.preset.model_access_secret:  # Kaito's presetOptions.modelAccessSecret, key HF_TOKEN
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": access, "key": "HF_TOKEN"}}})
     # both containers: the log format, and the outcome as the termination message (`tuner status` reads it)
     shared_env = [{"name": "TUNER_LOG_FORMAT", "value": options.log_format},
                   {"name": termination.PATH_ENV, "value": TERMINATION_MESSAGE_PATH}]
@@ -215,6 +220,9 @@ def _volumes(plan: JobPlan, options: RenderOptions, job_name: str,
                                                           "defaultMode": 0o440,
                                                           "items": [{"key": "headers.json", "path": "headers.json"}]}})
         fetch_mounts.append({"name": "url-headers", "mountPath": URL_HEADERS_DIR, "readOnly": True})
+    if options.model_cache_pvc:
+        volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": options.model_cache_pvc}})
+        run_mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT})
     if tuning.output.volume_source:
         volumes.append({"name": "output", **tuning.output.volume_source})
         run_mounts.append({"name": "output", "mountPath": OUTPUT_MOUNT})

