@@ -179,3 +179,38 @@ def test_volume_output_receives_the_adapter_files(tmp_path, tiny_model_dir, serv
     out = tmp_path / "adapter-out"
     assert sha256_of(out / "adapter_model.safetensors") == sha256_of(tmp_path / "work" / "adapter" / "adapter_model.safetensors")
     assert json.loads((out / "training_summary.json").read_text())["train"]["steps"] == 6
+
+
+def test_weights_from_an_image_train_and_a_second_job_on_the_same_cache_pulls_nothing(
+        tmp_path, tiny_model_dir, served_rows, fault_proxy, registry_plain, monkeypatch):
+    """The way Kaito ships preset weights and air-gapped clusters mirror them: an image, pulled once
+    into the model cache (a shared volume under `render --model-cache-pvc`)."""
+    from tuner.oci.image import build_adapter_image, write_oci_layout
+    from tuner.oci.registry import push_layout
+
+    reference = f"{fault_proxy.host}/models/smollm2-2-layers:v1"
+    options = RegistryOptions(insecure_registries=frozenset({fault_proxy.host}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(registry_plain.docker_config(tmp_path / "docker", host=fault_proxy.host)))
+    layout = OciLayoutTarget(tmp_path / "weights-layout", "v1")
+    write_oci_layout(build_adapter_image(tiny_model_dir, required=("config.json",)), layout)
+    push_layout(layout, reference, options)
+    monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "shared-cache"))
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {
+        "ModelConfig": {"weights_image": reference},
+        "TrainingArguments": {"max_steps": 2, "logging_steps": 1, "max_length": 64}}}))
+
+    def run(name: str) -> tuple[int, str]:
+        before = len(fault_proxy.requests)
+        code = cli.main(["run", str(workspace(tmp_path, served_rows)), "--config", str(config),
+                         "--work-dir", str(tmp_path / name), "--output", f"oci:{tmp_path / name}-layout:v1",
+                         "--allow-private-urls", "--insecure-registry", fault_proxy.host])
+        return code, len(fault_proxy.requests) - before
+
+    code, requests_made = run("first")
+    pulled = fault_proxy.requests[-requests_made:] if requests_made else []
+    assert code == 0 and any(r.method == "GET" and "/blobs/" in r.path and r.status == 200 for r in pulled)
+    summary = json.loads((tmp_path / "first" / "adapter" / "training_summary.json").read_text())
+    assert summary["train"]["steps"] == 2
+    code, requests_made = run("second")
+    assert code == 0 and requests_made == 0  # the cache holds the weights: no request at all

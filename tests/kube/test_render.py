@@ -178,6 +178,34 @@ def test_url_headers_secret_reaches_only_the_fetch_container(tmp_path):
         kubernetes_validate.validate(manifests["Job"], version, strict=True)
 
 
+def test_a_model_cache_claim_is_shared_by_jobs_as_the_tuner_containers_cache(tmp_path):
+    manifests = rendered(seed_workspace(tmp_path), model_cache_pvc="models")
+    volume = next(v for v in pod(manifests)["volumes"] if v["name"] == "model-cache")
+    assert volume["persistentVolumeClaim"] == {"claimName": "models"}
+    tuner = container(manifests)
+    assert {"name": "model-cache", "mountPath": "/mnt/model-cache"} in tuner["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in tuner["env"]}
+    assert (env["HF_HOME"], env["TUNER_CACHE_DIR"]) == ("/mnt/model-cache/huggingface", "/mnt/model-cache/tuner")
+    assert all(m["name"] != "model-cache" for m in container(manifests, "fetch")["volumeMounts"])
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(manifests["Job"], version, strict=True)
+
+
+def test_kaitos_model_access_secret_gives_the_tuner_container_hf_token(tmp_path):
+    path = seed_workspace(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["tuning"]["preset"]["presetOptions"] = {"modelAccessSecret": "hf-token"}
+    path.write_text(yaml.safe_dump(doc))
+    manifests = rendered(path)
+    token = next(e for e in container(manifests)["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+    assert all(e["name"] != "HF_TOKEN" for e in container(manifests, "fetch")["env"])
+    doc["tuning"]["preset"]["presetOptions"] = {"modelAccessSecret": "HF Token"}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UserError, match=r"tuning\.preset\.presetOptions.*Secret name 'HF Token' is not a valid"):
+        rendered(path)
+
+
 def test_security_context_is_locked_down(tmp_path):
     manifests = rendered(seed_workspace(tmp_path))
     security = pod(manifests)["securityContext"]

@@ -141,13 +141,16 @@ def build_adapter_image(
     annotations: dict[str, str] | None = None,
     created: str = "1970-01-01T00:00:00Z",
     platform: tuple[str, str] = ("linux", "amd64"),
+    required: tuple[str, ...] = REQUIRED_ADAPTER_FILES,
 ) -> AdapterImage:
-    """Build the reproducible image of adapter_dir; `platform` is (os, architecture)."""
-    missing = [name for name in REQUIRED_ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    """Build the reproducible image of adapter_dir; `platform` is (os, architecture). `required`:
+    the files the folder must hold (a PEFT adapter's by default; a model's config.json for weights)."""
+    missing = [name for name in required if not (adapter_dir / name).is_file()]
     if missing:
         raise UserError(
-            f"{adapter_dir} is not a PEFT adapter directory: missing {', '.join(missing)}",
-            fix="point it at the directory written by save_pretrained() of a PEFT model",
+            f"{adapter_dir} is not a {'PEFT adapter' if required == REQUIRED_ADAPTER_FILES else 'model'} "
+            f"directory: missing {', '.join(missing)}",
+            fix="point it at the directory written by save_pretrained()",
         )
     layer, diff_id = _build_layer(adapter_dir)
     os_name, architecture = platform
