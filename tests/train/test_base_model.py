@@ -35,3 +35,25 @@ def test_hub_keys_are_named_where_no_hub_download_happens(tiny_model_dir, capsys
     assert resolve_base_model(preset, str(tiny_model_dir), {"revision": "main", "cache_dir": "/x"}) == tiny_model_dir
     assert ("warning: ModelConfig.cache_dir, ModelConfig.revision not applied: the weights come from a local model "
             "folder, not the Hugging Face hub") in capsys.readouterr().out
+
+
+def test_a_second_job_waits_for_the_one_filling_the_model_cache(tmp_path, capsys):
+    """Two jobs on one cache volume never write one model at once: the second waits, and says so."""
+    import subprocess
+    import sys
+
+    from tuner.train.base_model import model_lock
+
+    target = tmp_path / "models" / "phi-4"
+    target.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, pathlib, sys, time\nf = open(sys.argv[1], 'w')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(1)\n"
+                               "pathlib.Path(sys.argv[2]).write_text('filled')",
+         str(target.with_name("phi-4.lock")), str(tmp_path / "first-job-done")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with model_lock(target):
+        assert (tmp_path / "first-job-done").read_text() == "filled"  # the lock came once the first job let go
+    holder.wait(timeout=30)
+    assert "another job is filling" in capsys.readouterr().out

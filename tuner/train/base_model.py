@@ -127,8 +127,11 @@ def resolve_base_model(preset: Preset, override: str | None = None, hub_options:
             )
         return path
     if preset.source.gguf_package:
-        return _converted_gguf(preset)
-    return _hub_snapshot(preset, hub_options)
+        with model_lock(cache_root() / "models" / preset.name):
+            return _converted_gguf(preset)
+    revision = hub_options.get("revision") or preset.source.revision
+    with model_lock(cache_root() / "hub-locks" / f"{preset.source.hub_id.replace('/', '--')}@{revision}"):
+        return _hub_snapshot(preset, hub_options)
 
 
 def _converted_gguf(preset: Preset) -> Path:
