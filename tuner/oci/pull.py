@@ -1,7 +1,8 @@
-"""Pull an image's /data files: the manifest (or the index's entry for the platform) verified
-against its digest and read no further than the distribution spec's 4 MiB, every blob streamed
-and verified, the layers unpacked safely (tuner.oci.unpack) into a scratch folder that becomes
-the destination only once complete."""
+"""Pull an image's /data files, or an ORAS artifact's files: the manifest (or the index's entry for
+the platform) verified against its digest and read no further than the distribution spec's 4 MiB,
+every blob streamed and verified, an image's layers unpacked safely (tuner.oci.unpack), an
+artifact's layers each placed as the file its title names (as `oras pull` does: how Kaito ships
+preset weights), all into a scratch folder that becomes the destination only once complete."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import oras.container
 import requests
@@ -33,6 +34,8 @@ from tuner.workdir import scratch_dir
 _INDEX_TYPES = (INDEX_MEDIA_TYPE, DOCKER_MANIFEST_LIST)
 _MANIFEST_TYPES = (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST)
 _MAX_MANIFEST_BYTES = 4 << 20  # the distribution spec's recommended manifest limit
+TITLE_ANNOTATION = "org.opencontainers.image.title"  # an ORAS artifact's file name per layer
+UNPACK_ANNOTATION = "io.deis.oras.content.unpack"  # ORAS: this layer is a tar of a folder
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,20 @@ def pull_image(reference: str, dest: Path, options: RegistryOptions, platform: t
         blobs = Path(scratch, "blobs")
         blobs.mkdir()
         config = json.loads(_download_blob(client, container, manifest["config"], blobs, deadline).read_bytes())
-        layers = [(_download_blob(client, container, layer, blobs, deadline), layer.get("mediaType", ""))
-                  for layer in manifest["layers"]]
         staging = Path(scratch, "data")
-        unpack_data_dir(layers, staging)
+        titles = [(layer.get("annotations") or {}).get(TITLE_ANNOTATION) for layer in manifest["layers"]]
+        if all(titles):  # an ORAS artifact: each layer is one file, named by its title (how Kaito ships weights)
+            _place_artifact_files(client, container, manifest["layers"], titles, blobs, staging, deadline,
+                                  reference)
+        else:
+            layers = [(_download_blob(client, container, layer, blobs, deadline), layer.get("mediaType", ""))
+                      for layer in manifest["layers"]]
+            unpack_data_dir(layers, staging)
         missing = [name for name in required if not (staging / name).is_file()]
         if missing:
-            raise UserError(f"{reference} has no adapter: /data/{', /data/'.join(missing)} missing from its filesystem",
-                            fix="pull an image built by tuner or Kaito tuning (adapter files under /data)")
+            raise UserError(f"{reference} lacks /data/{', /data/'.join(missing)} (or, as an ORAS artifact, the "
+                            f"file{'s' if len(missing) > 1 else ''} {', '.join(missing)})",
+                            fix="pull an image built by tuner or Kaito (the files under /data), or an ORAS artifact")
         if not any(staging.rglob("*")):
             raise UserError(f"{reference} has no files under /data", fix="put the files in the image's /data folder")
         if dest.exists():
@@ -85,6 +94,24 @@ def pull_image(reference: str, dest: Path, options: RegistryOptions, platform: t
     files = sorted(p for p in dest.rglob("*") if p.is_file())
     labels = (config.get("config") or {}).get("Labels") or {}
     return PullResult(reference, digest, files, labels)
+
+
+def _place_artifact_files(client: RegistryClient, container: oras.container.Container, layers: list[dict],
+                          titles: list[str], blobs: Path, staging: Path, deadline: float, reference: str) -> None:
+    """Each layer's blob, verified, as the file its title names (`oras pull` does the same): a title that
+    would leave the folder, repeat another, or a layer ORAS would unpack as a folder is refused."""
+    staging.mkdir()
+    for layer, title in zip(layers, titles, strict=True):
+        parts = PurePosixPath(title).parts
+        if not parts or PurePosixPath(title).is_absolute() or any(part in ("..", ".") for part in parts) \
+                or (staging / title).exists():
+            raise UserError(f"{reference} has a layer titled {quote(title)}, which is not a file name in one folder",
+                            fix="push the files with plain relative names (oras push REF file ...)")
+        if str((layer.get("annotations") or {}).get(UNPACK_ANNOTATION, "")).lower() == "true":
+            raise UserError(f"{reference} packs the folder {quote(title)} as one layer, which tuner does not unpack",
+                            fix="push the folder's files one by one (oras push REF dir/*)")
+        (staging / title).parent.mkdir(parents=True, exist_ok=True)
+        _download_blob(client, container, layer, blobs, deadline).rename(staging / title)
 
 
 def _fetch_manifest(client: RegistryClient, container: oras.container.Container, ref: str,
