@@ -206,6 +206,48 @@ def test_kaitos_model_access_secret_gives_the_tuner_container_hf_token(tmp_path)
         rendered(path)
 
 
+def qwen32b_lora(tmp_path: Path, instance: str) -> Path:
+    path = seed_workspace(tmp_path, instance=instance)
+    doc = yaml.safe_load(path.read_text())
+    doc["tuning"]["preset"]["name"], doc["tuning"]["method"] = "qwen2.5-coder-32b-instruct", "lora"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def checkpointing_config(tmp_path: Path) -> Path:
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {"TrainingArguments": {"gradient_checkpointing": True}}}))
+    return config
+
+
+def test_a_model_bigger_than_one_gpu_renders_an_fsdp_job_over_the_nodes_gpus(tmp_path):
+    """Qwen2.5-Coder-32B LoRA needs ~64 GiB of bf16 weights: DDP's whole copy per GPU cannot fit 40 GB cards."""
+    result = render(plan_job(qwen32b_lora(tmp_path, "p4d.24xlarge"), config_path=checkpointing_config(tmp_path),
+                             for_cluster=True), RenderOptions())
+    manifests = {m["kind"]: m for m in result.manifests}
+    config = yaml.safe_load(manifests["ConfigMap"]["data"]["training_config.yaml"])
+    assert config["training_config"]["TrainingArguments"]["fsdp"] is True
+    note = next(n for n in result.notes if n.startswith("parallelism: "))
+    assert note.startswith("parallelism: fsdp over 8 GPU(s): one GPU cannot hold ")
+    assert container(manifests)["command"][:4] == ["python", "-m", "tuner.train.distributed", "--nproc_per_node=8"]
+    for version in K8S_VERSIONS:
+        for manifest in result.manifests:
+            kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_the_same_job_on_one_40gb_gpu_is_refused_with_the_numbers(tmp_path):
+    with pytest.raises(UserError, match=r"resource.instanceType: qwen2.5-coder-32b-instruct lora needs about \d+\.\d GiB "
+                                        r"per GPU, more than the 37.6 GiB usable .* of a2-highgpu-1g's A100-40GB"):
+        render(plan_job(qwen32b_lora(tmp_path, "a2-highgpu-1g"), config_path=checkpointing_config(tmp_path),
+                        for_cluster=True), RenderOptions())
+
+
+def test_a_job_one_gpu_holds_stays_ddp(tmp_path):
+    result = render(plan_job(seed_workspace(tmp_path, instance="Standard_NC24s_v3"), for_cluster=True),
+                    RenderOptions())
+    assert any(n.startswith("parallelism: ddp over 4 GPU(s): one GPU holds the whole job") for n in result.notes)
+
+
 def test_security_context_is_locked_down(tmp_path):
     manifests = rendered(seed_workspace(tmp_path))
     security = pod(manifests)["securityContext"]

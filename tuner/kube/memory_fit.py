@@ -79,11 +79,13 @@ class MemoryEstimate:
     batch_size: int
     max_length: int
     gradient_checkpointing: bool
+    shards: int = 1  # GPUs the weights are sharded over (FSDP); 1: every GPU holds them all
 
     def describe(self) -> str:
         """One line: the total and its parts."""
         checkpointing = "with" if self.gradient_checkpointing else "no"
-        return (f"{self.total:.1f} GiB = weights {self.base_weights:.1f} + LoRA weights/grads/optimizer "
+        sharded = f" (sharded over {self.shards} GPUs)" if self.shards > 1 else ""
+        return (f"{self.total:.1f} GiB = weights {self.base_weights:.1f}{sharded} + LoRA weights/grads/optimizer "
                 f"{self.lora_weights_grads_optimizer:.1f} ({self.lora_parameters:,} params) + activations "
                 f"{self.activations:.1f} (batch {self.batch_size} x {self.max_length} tokens, {checkpointing} "
                 f"gradient checkpointing) + overhead {self.overhead:.1f}")
@@ -148,8 +150,13 @@ def activation_bytes_per_token_layer(arch: Architecture, config: TrainingConfig,
     return per_layer * _precision_scale(config)
 
 
-def estimate(preset: Preset, config: TrainingConfig, max_length: int) -> MemoryEstimate:
-    """Memory per GPU for training `preset` with `config` on rows of up to `max_length` tokens."""
+def estimate(preset: Preset, config: TrainingConfig, max_length: int, shards: int = 1) -> MemoryEstimate:
+    """Memory per GPU for training `preset` with `config` on rows of up to `max_length` tokens.
+
+    With `shards` > 1 (FSDP) each GPU keeps 1/shards of the weights and of the LoRA states, plus the
+    units FSDP gathers whole for their forward and backward: two decoder layers (the one computing
+    and the next, prefetched) or the root's embeddings and output head, whichever is larger.
+    """
     arch = preset.architecture
     args = config.training_arguments
     batch = args.per_device_train_batch_size
@@ -169,7 +176,12 @@ def estimate(preset: Preset, config: TrainingConfig, max_length: int) -> MemoryE
 
     trainable = lora_parameters(preset, config.lora)
     per_param = 4 + 4 + _optimizer_bytes(args.optim) + (2 if half else 0)
-    lora = trainable * per_param
+    lora = trainable * per_param / shards
+    if shards > 1:
+        per_weight = base / arch.parameters
+        layer_weights = linear / arch.num_hidden_layers * per_weight
+        root = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2) * per_weight
+        base = base / shards + max(2 * layer_weights, root)
 
     tokens = batch * max_length
     layer = activation_bytes_per_token_layer(arch, config, max_length)
@@ -188,7 +200,7 @@ def estimate(preset: Preset, config: TrainingConfig, max_length: int) -> MemoryE
     return MemoryEstimate(
         method=config.method, base_weights=parts[0], lora_weights_grads_optimizer=parts[1], activations=parts[2],
         overhead=overhead, total=sum(parts) + overhead, lora_parameters=trainable, batch_size=batch,
-        max_length=max_length, gradient_checkpointing=checkpointing)
+        max_length=max_length, gradient_checkpointing=checkpointing, shards=shards)
 
 
 def smallest_gpu(preset: Preset, config: TrainingConfig, max_length: int) -> tuple[MemoryEstimate, GpuSku | None]:
@@ -214,8 +226,11 @@ def check_fits(sku: GpuSku, estimate: MemoryEstimate, preset_name: str) -> None:
     bigger = smallest_with(estimate.total / USABLE_FRACTION)
     fixes.append(f"use an instance type with more memory per GPU (e.g. {bigger.name}: {bigger.gpu_model}, "
                  f"{bigger.gpu_memory_gib:g} GiB)" if bigger else "use an instance type with more memory per GPU")
-    if sku.gpu_count == 1:
+    if sku.gpu_count == 1 and estimate.shards == 1:
         gpus = f"{sku.name}'s {sku.gpu_model} ({sku.gpu_memory_gib:g} GiB)"
+    elif estimate.shards > 1:
+        gpus = (f"each of the {estimate.shards} {sku.gpu_model} GPUs ({sku.gpu_memory_gib:g} GiB each) the weights "
+                "are sharded over (FSDP)")
     else:
         gpus = (f"each of {sku.name}'s {sku.gpu_count} {sku.gpu_model} GPUs ({sku.gpu_memory_gib:g} GiB each; "
                 f"every data-parallel GPU holds the whole model)")

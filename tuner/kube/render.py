@@ -10,6 +10,7 @@ code reads local paths in a pod and on a laptop.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import yaml
 
 from tuner import __version__
 from tuner.errors import EXIT_USER_ERROR, UserError
-from tuner.kube import gpus, memory_fit
+from tuner.kube import gpus, memory_fit, parallelism
 from tuner.kube.sku_precision import for_sku
 from tuner.observe import termination
 from tuner.spec import k8s_names
@@ -92,8 +93,13 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
     resource, tuning = workspace.resource, workspace.tuning
     sku = gpus.lookup(resource.instance_type, gpu_count=options.gpus, gpu_memory_gib=options.gpu_memory_gib)
     config, notes = for_sku(plan.config, sku)
-    estimate = memory_fit.estimate(plan.preset, config, plan.max_length)
+    layout = parallelism.choose(plan.preset, config, plan.max_length, sku, resource.count)
+    estimate = layout.estimate
     memory_fit.check_fits(sku, estimate, plan.preset.name)
+    if layout.mode == "fsdp" and not config.training_arguments.sharded:  # the pod reads it from the ConfigMap
+        config = dataclasses.replace(config, training_arguments=config.training_arguments.model_copy(
+            update={"fsdp": True}))
+    notes.append(f"parallelism: {layout.describe()}")
     notes = [*plan.notes, *(f"warning: {w}" for w in plan.warnings), *notes,
              f"{sku.name}: {sku.gpu_count}x {sku.gpu_model} {sku.gpu_memory_gib:g} GiB; "
              f"estimated need per GPU: {estimate.describe()}"]

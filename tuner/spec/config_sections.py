@@ -113,8 +113,15 @@ class TrainingSection(Section):
     activation_checkpointing: bool | None = None
     bf16: bool | None = None
     fp16: bool | None = None
+    fsdp: bool | str | list[str] | None = None  # shard the base model over the ranks (tuner.train.sharding)
+    fsdp_config: dict[str, Any] | str | None = None
     max_length: int | None = None  # None: TRL's 1024, capped by the preset's context (tuner.spec.plan)
     packing: bool | None = None  # None: tuner packs when it saves padding (tuner.data.packing)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP asked for: `fsdp: true`, or any of transformers' option strings ("full_shard auto_wrap")."""
+        return bool(self.fsdp) and self.fsdp != "no"
 
     @property
     def checkpointing(self) -> bool:
