@@ -226,7 +226,7 @@ def test_a_model_bigger_than_one_gpu_renders_an_fsdp_job_over_the_nodes_gpus(tmp
                              for_cluster=True), RenderOptions())
     manifests = {m["kind"]: m for m in result.manifests}
     config = yaml.safe_load(manifests["ConfigMap"]["data"]["training_config.yaml"])
-    assert config["training_config"]["TrainingArguments"]["fsdp"] is True
+    assert config["training_config"]["TrainingArguments"]["fsdp"] == "full_shard"
     note = next(n for n in result.notes if n.startswith("parallelism: "))
     assert note.startswith("parallelism: fsdp over 8 GPU(s): one GPU cannot hold ")
     assert container(manifests)["command"][:4] == ["python", "-m", "tuner.train.distributed", "--nproc_per_node=8"]

@@ -98,7 +98,7 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
     memory_fit.check_fits(sku, estimate, plan.preset.name)
     if layout.mode == "fsdp" and not config.training_arguments.sharded:  # the pod reads it from the ConfigMap
         config = dataclasses.replace(config, training_arguments=config.training_arguments.model_copy(
-            update={"fsdp": True}))
+            update={"fsdp": "full_shard"}))
     notes.append(f"parallelism: {layout.describe()}")
     notes = [*plan.notes, *(f"warning: {w}" for w in plan.warnings), *notes,
              f"{sku.name}: {sku.gpu_count}x {sku.gpu_model} {sku.gpu_memory_gib:g} GiB; "

@@ -106,6 +106,7 @@ class TrainingSection(Section):
     logging_steps: float = 0.02  # a ratio of the total: about 50 progress lines per run
     logging_first_step: bool = True
     optim: str = "adamw_torch_fused"
+    seed: int = 42  # also seeds the LoRA initialisation, so one config gives one starting adapter on any launch
     ddp_timeout: int = 1800
     eval_strategy: str | None = None  # with an eval split: tuner's few evaluations per run (tuner.train.trainer)
     eval_steps: float | None = None
@@ -113,15 +114,15 @@ class TrainingSection(Section):
     activation_checkpointing: bool | None = None
     bf16: bool | None = None
     fp16: bool | None = None
-    fsdp: bool | str | list[str] | None = None  # shard the base model over the ranks (tuner.train.sharding)
+    fsdp: str | None = None  # "full_shard": shard the base model over the ranks (tuner.train.sharding)
     fsdp_config: dict[str, Any] | str | None = None
     max_length: int | None = None  # None: TRL's 1024, capped by the preset's context (tuner.spec.plan)
     packing: bool | None = None  # None: tuner packs when it saves padding (tuner.data.packing)
 
     @property
     def sharded(self) -> bool:
-        """FSDP asked for: `fsdp: true`, or any of transformers' option strings ("full_shard auto_wrap")."""
-        return bool(self.fsdp) and self.fsdp != "no"
+        """FSDP asked for: any of transformers' option strings ("full_shard", "full_shard auto_wrap")."""
+        return bool(self.fsdp) and self.fsdp.strip() != "no"
 
     @property
     def checkpointing(self) -> bool:

@@ -51,15 +51,21 @@ def save_minutes() -> float:
         raise UserError(f"{MINUTES_ENV}={value!r} is not a number of minutes") from None
 
 
-def save_arguments(training: TrainingSection) -> dict[str, Any]:
-    """The TrainingArguments keys of the checkpoint plan, the user's overriding tuner's defaults."""
+def save_arguments(training: TrainingSection, *, sharded: bool = False) -> dict[str, Any]:
+    """The TrainingArguments keys of the checkpoint plan, the user's overriding tuner's defaults.
+
+    Under FSDP (`sharded`) transformers checkpoints a model it did not shard itself only without the
+    optimizer state (`save_only_model`): a resumed run restarts AdamW's moments from zero.
+    """
     strategy = training.save_strategy
     keep = training.save_total_limit
     if keep is not None and keep < 2:
         # the Trainer deletes the older checkpoints before tuner marks the new one complete
         events.warn(f"save_total_limit {keep} raised to 2: a crash while saving would leave no complete checkpoint")
         keep = 2
-    args = {"save_total_limit": keep}
+    args: dict[str, Any] = {"save_total_limit": keep}
+    if sharded:
+        args["save_only_model"] = True
     if strategy in (None, "no"):  # Kaito's default: tuner's plan
         args.update(save_strategy="steps", save_steps=training.save_steps or DEFAULT_SAVE_STEPS)
     else:

@@ -19,6 +19,7 @@ from transformers import (
     PrinterCallback,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from tuner.data.packing import PackedDataset, PackingCollator, pack_best_fit, packing_efficiency, should_pack
@@ -27,7 +28,7 @@ from tuner.errors import EXIT_PREEMPTED, Preempted, UserError
 from tuner.observe import events
 from tuner.spec.presets import Preset
 from tuner.spec.training_config import TrainingConfig
-from tuner.train import checkpoints, distributed
+from tuner.train import checkpoints, distributed, sharding
 from tuner.train.precision import Precision, choose_precision
 from tuner.train.progress import ProgressEvents
 from tuner.workdir import WorkDir, atomic_write_json
@@ -77,12 +78,18 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     if precision.reason:
         events.info(f"precision: {precision.reason}")
     model = load_base_model(model_dir, config, precision)
+    set_seed(config.training_arguments.seed)  # the Trainer seeds only after the model exists: LoRA's A matrices too
     model = _add_lora(model, config, preset)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sharded = _sharded(config)
+    if sharded:
+        model = sharding.shard(model)
+        events.info(f"fsdp: base model sharded over {distributed.ranks_from_env().world_size} processes "
+                    f"({len(sharding.decoder_layers(model))} decoder layers and the root)")
     train_set, eval_set, collator = _datasets(data, config, tokenizer, max_length)
     checkpoint_dir = work.checkpoints
     args = _training_arguments(config, precision, checkpoint_dir, has_eval=eval_set is not None,
-                               packed=isinstance(collator, PackingCollator))
+                               packed=isinstance(collator, PackingCollator), sharded=sharded)
     resume = _resume_point(checkpoint_dir, identity, restart) if identity is not None else None
     progress = ProgressEvents()
     stop = checkpoints.StopFlag()
@@ -91,6 +98,8 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
                       data_collator=collator, callbacks=[progress, saving])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressEvents writes the lines
     _time_saves(trainer, saving)
+    if sharded:
+        sharding.save_gathered(trainer)
     resumed_from = 0
     if resume is not None:
         resumed_from = checkpoints.checkpoint_step(resume) or 0
@@ -113,9 +122,10 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
                     f"exiting with {EXIT_PREEMPTED} so the job is retried and resumes from it")
         raise Preempted(state.global_step, state.max_steps, saved.name)
     eval_loss = _final_eval_loss(trainer) if eval_set is not None else None
+    state_dict = sharding.full_state(model) if sharded else None  # a collective: every rank gathers
     if trainer.is_world_process_zero():
         work.adapter.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(work.adapter)
+        model.save_pretrained(work.adapter, state_dict=state_dict)  # the LoRA weights only, as without FSDP
         tokenizer.save_pretrained(work.adapter)
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return TrainResult(
@@ -286,9 +296,22 @@ def _add_lora(model, config: TrainingConfig, preset: Preset):
                         fix=f"this preset's modules are {', '.join(preset.lora_target_modules)}") from None
 
 
+def _sharded(config: TrainingConfig) -> bool:
+    """Whether this run shards the base model (FSDP): asked for, and several processes to shard over."""
+    if not config.training_arguments.sharded:
+        return False
+    if not distributed.ranks_from_env().distributed:
+        events.warn("TrainingArguments.fsdp is not applied: one process holds the whole model "
+                    "(run under torchrun, or several GPUs in the Job, to shard it)")
+        return False
+    return True
+
+
 def _training_arguments(config: TrainingConfig, precision: Precision, output_dir: Path, has_eval: bool,
-                        packed: bool):
-    args = {k: v for k, v in config.training_arguments.values().items() if k not in ("max_length", "packing")}
+                        packed: bool, sharded: bool = False):
+    # tuner applies max_length and packing itself, and FSDP by hand (tuner.train.sharding)
+    applied = ("max_length", "packing", "fsdp", "fsdp_config")
+    args = {k: v for k, v in config.training_arguments.values().items() if k not in applied}
     args.update(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, remove_unused_columns=False,
         # packed rows have no padding (and no attention mask to find it by)
@@ -300,7 +323,7 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
                         "and runs slower than float32 here")
     else:
         args.update(bf16=precision.mixed_bf16, fp16=precision.mixed_fp16)
-    args.update(checkpoints.save_arguments(config.training_arguments))
+    args.update(checkpoints.save_arguments(config.training_arguments, sharded=sharded))
     if distributed.ranks_from_env().distributed:
         args.setdefault("ddp_backend", distributed.ddp_backend())
         # every node's work dir gets its own copy, so each node can resume (one node: no change)
