@@ -4,6 +4,7 @@ trained as shards and written once, gathered, as the same files a single process
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -61,3 +62,30 @@ def test_two_fsdp_processes_write_the_adapter_a_single_process_writes(tmp_path, 
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sharded / "adapter")
     assert all(not isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+
+
+def test_sigterm_under_fsdp_saves_a_checkpoint_and_the_rerun_resumes_from_it(tmp_path, tiny_model_dir, http_server):
+    from test_checkpoints import MAX_STEPS, Run, complete_steps, resumed_from
+    from test_checkpoints import config as checkpointing_config
+
+    root, base = http_server
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    work = tmp_path / "work"
+    args = ["run", str(workspace(tmp_path, [f"{base}/rows.jsonl"])), "--allow-private-urls",
+            "--config", str(checkpointing_config(tmp_path, tiny_model_dir, fsdp="full_shard")),
+            "--work-dir", str(work), "--output", f"oci:{tmp_path / 'layout'}:v1"]
+    launcher = [sys.executable, "-m", "tuner.train.distributed", "--standalone", "--nproc_per_node=2"]
+    first = Run(args, tmp_path, launcher)
+    first.wait_for_step(7)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.finish() == 143, first.log
+    stopped = first.last_step()
+    assert complete_steps(work)[-1] == stopped
+    second = Run(args, tmp_path, launcher)
+    assert second.finish() == 0, second.log
+    assert resumed_from(second.log) == (stopped, MAX_STEPS)
+    assert f" step {stopped + 1}/{MAX_STEPS} " in second.log and f" step {stopped}/{MAX_STEPS} " not in second.log
+    summary = json.loads((work / "result.json").read_text())
+    assert summary["train"]["steps"] == MAX_STEPS and summary["train"]["resumed_from_step"] == stopped
+    weights = load_file(work / ADAPTER)
+    assert len(weights) == 2 * 7 * 2 and all(not name.endswith("_orig_mod") for name in weights)
