@@ -185,3 +185,23 @@ def test_every_bad_value_is_named_at_once():
         "training_config.LoraConfig.r", "training_config.TrainingArguments.learning_rate",
         "training_config.DatasetConfig.bad_rows", "training_config.DatasetConfig.long_rows",
         "training_config.DatasetConfig.format"]
+
+
+def test_fsdp_refuses_8bit_weights_and_a_storage_dtype_it_cannot_shard():
+    with pytest.raises(UserError, match=r"QuantizationConfig: 8-bit weights cannot be sharded with FSDP"):
+        build_config("qlora", {"QuantizationConfig": {"load_in_8bit": True}, "TrainingArguments": {"fsdp": "full_shard"}})
+    with pytest.raises(UserError, match=r"bnb_4bit_quant_storage: bnb_4bit_quant_storage uint8 cannot be sharded"):
+        build_config("qlora", {"QuantizationConfig": {"bnb_4bit_quant_storage": "uint8"},
+                               "TrainingArguments": {"fsdp": "full_shard"}})
+    assert build_config("qlora", {"TrainingArguments": {"fsdp": "full_shard"}}).training_arguments.sharded
+
+
+def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype():
+    import torch
+
+    from tuner.train.trainer import quantization_config
+
+    sharded = quantization_config(build_config("qlora", {"TrainingArguments": {"fsdp": "full_shard"},
+                                                         "QuantizationConfig": {"bnb_4bit_compute_dtype": "float32"}}))
+    assert sharded.bnb_4bit_quant_storage == torch.float32
+    assert quantization_config(build_config("qlora")).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' own

@@ -31,6 +31,7 @@ def plan(workspace: Path, *, config_path: Path | None = None, gpu_count: int | N
              f"gpus: {sku.name}: {sizing.world_size} x {sku.gpu_model} ({sku.gpu_memory_gib:g} GiB each)"
              + ("" if sku.bf16 else "; no bf16, so float16"),
              *precision_notes,
+             f"parallelism: {sizing.layout.describe()}",
              f"memory: {need.total:.1f} GiB per GPU of {sizing.usable_gib:.1f} GiB usable: "
              + ("fits" if sizing.fits else "does NOT fit") + f" ({need.describe()})",
              f"batch: effective {sizing.effective_batch} = micro-batch {need.batch_size} x "

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tuner.kube import parallelism
 from tuner.kube.gpus import GpuSku, smallest_with
 from tuner.kube.memory_fit import USABLE_FRACTION, MemoryEstimate, estimate
+from tuner.kube.parallelism import Layout
 from tuner.spec.plan import JobPlan
 from tuner.spec.training_config import TrainingConfig
 
@@ -24,7 +26,8 @@ class Alternative:
 class Sizing:
     sku: GpuSku
     world_size: int  # GPUs across the nodes
-    estimate: MemoryEstimate  # at the configured micro-batch
+    layout: Layout  # single, DDP or FSDP, and why
+    estimate: MemoryEstimate  # at the configured micro-batch, in that layout
     usable_gib: float
     effective_batch: int  # micro-batch x accumulation x GPUs, as configured
     micro_batch: int  # the largest that fits and divides the effective batch (None: none fits)
@@ -43,12 +46,13 @@ def size_job(plan: JobPlan, sku: GpuSku, config: TrainingConfig) -> Sizing:
     args = config.training_arguments
     accumulation = int(args.values().get("gradient_accumulation_steps", 1))
     effective = args.per_device_train_batch_size * accumulation * world
-    need = estimate(plan.preset, config, plan.max_length)
+    layout = parallelism.choose(plan.preset, config, plan.max_length, sku, plan.workspace.resource.count)
+    need, shards = layout.estimate, layout.estimate.shards
     per_gpu = effective // world
     micro = next((m for m in range(per_gpu, 0, -1) if per_gpu % m == 0
-                  and _at(plan, config, micro_batch=m).total <= usable), 1)
+                  and _at(plan, config, shards, micro_batch=m).total <= usable), 1)
     alternatives = () if need.total <= usable else tuple(_alternatives(plan, config, need, usable))
-    return Sizing(sku, world, need, usable, effective, micro, per_gpu // micro, alternatives)
+    return Sizing(sku, world, layout, need, usable, effective, micro, per_gpu // micro, alternatives)
 
 
 def _alternatives(plan: JobPlan, config: TrainingConfig, need: MemoryEstimate, usable: float):
@@ -59,16 +63,16 @@ def _alternatives(plan: JobPlan, config: TrainingConfig, need: MemoryEstimate, u
 
         qlora = build_config("qlora", {"TrainingArguments": config.training_arguments.values(),
                                        "LoraConfig": config.lora.values()})
-        tried.append(("method qlora (4-bit base weights)", estimate(plan.preset, qlora, plan.max_length)))
+        tried.append(("method qlora (4-bit base weights)", estimate(plan.preset, qlora, plan.max_length, need.shards)))
     if not need.gradient_checkpointing:
         tried.append(("TrainingArguments.gradient_checkpointing: true",
-                      _at(plan, config, checkpointing=True)))
+                      _at(plan, config, need.shards, checkpointing=True)))
     if need.batch_size > 1:
         tried.append(("TrainingArguments.per_device_train_batch_size: 1 (accumulate the rest)",
-                      _at(plan, config, micro_batch=1)))
+                      _at(plan, config, need.shards, micro_batch=1)))
     for length in (plan.max_length // 2, plan.max_length // 4):
         if length >= 256:
-            tried.append((f"TrainingArguments.max_length: {length}", estimate(plan.preset, config, length)))
+            tried.append((f"TrainingArguments.max_length: {length}", estimate(plan.preset, config, length, need.shards)))
     alternatives = [Alternative(change, e, e.total <= usable) for change, e in tried]
     bigger = smallest_with(need.total / USABLE_FRACTION)
     if bigger is not None:
@@ -77,7 +81,7 @@ def _alternatives(plan: JobPlan, config: TrainingConfig, need: MemoryEstimate, u
     return alternatives
 
 
-def _at(plan: JobPlan, config: TrainingConfig, *, micro_batch: int | None = None,
+def _at(plan: JobPlan, config: TrainingConfig, shards: int, *, micro_batch: int | None = None,
         checkpointing: bool | None = None) -> MemoryEstimate:
     update: dict = {}
     if micro_batch is not None:
@@ -85,4 +89,4 @@ def _at(plan: JobPlan, config: TrainingConfig, *, micro_batch: int | None = None
     if checkpointing is not None:
         update.update(activation_checkpointing=checkpointing)
     changed = dataclasses.replace(config, training_arguments=config.training_arguments.model_copy(update=update))
-    return estimate(plan.preset, changed, plan.max_length)
+    return estimate(plan.preset, changed, plan.max_length, shards)

@@ -204,6 +204,17 @@ def _check_method(config: TrainingConfig) -> None:
     if config.method == "lora" and config.quantized:
         raise UserError("method lora trains unquantised weights, but load_in_4bit/load_in_8bit is set",
                         where=where, fix="remove the load_in_* keys, or use method qlora")
+    if config.training_arguments.sharded and q.load_in_8bit:
+        raise UserError("8-bit weights cannot be sharded with FSDP (bitsandbytes' int8 layout is not a flat tensor)",
+                        where=where, fix="use load_in_4bit (QLoRA shards with FSDP), or remove TrainingArguments.fsdp")
+    storage = q.bnb_4bit_quant_storage
+    if config.training_arguments.sharded and q.load_in_4bit and storage and storage != (
+            q.bnb_4bit_compute_dtype or "bfloat16"):
+        raise UserError(f"bnb_4bit_quant_storage {storage} cannot be sharded with FSDP alongside "
+                        f"{q.bnb_4bit_compute_dtype or 'bfloat16'} weights: FSDP shards one dtype",
+                        where=f"{where}.bnb_4bit_quant_storage",
+                        fix="remove it (tuner stores the 4-bit weights in the compute dtype) or set it to the compute "
+                            "dtype")
     if config.model.load_in_4bit or config.model.load_in_8bit:
         raise UserError("quantisation belongs in QuantizationConfig", where="training_config.ModelConfig",
                         fix="move load_in_4bit/load_in_8bit to QuantizationConfig")

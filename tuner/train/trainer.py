@@ -283,6 +283,9 @@ def quantization_config(config: TrainingConfig) -> BitsAndBytesConfig:
         if compute.reason:
             events.info(f"precision: QuantizationConfig.bnb_4bit_compute_dtype: {compute.reason}")
         quant["bnb_4bit_compute_dtype"] = compute.dtype
+    if config.training_arguments.sharded and quant.get("load_in_4bit") and "bnb_4bit_quant_storage" not in quant:
+        # FSDP shards a flat buffer of one dtype: the 4-bit weights must be stored in the dtype of the rest
+        quant["bnb_4bit_quant_storage"] = quant.get("bnb_4bit_compute_dtype", torch.bfloat16)
     return BitsAndBytesConfig(**quant)
 
 
