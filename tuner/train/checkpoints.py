@@ -55,7 +55,7 @@ def save_arguments(training: TrainingSection, *, sharded: bool = False) -> dict[
     """The TrainingArguments keys of the checkpoint plan, the user's overriding tuner's defaults.
 
     Under FSDP (`sharded`) transformers checkpoints a model it did not shard itself only without the
-    optimizer state (`save_only_model`): a resumed run restarts AdamW's moments from zero.
+    optimizer state (`save_only_model`); tuner.train.sharding saves and restores that state itself.
     """
     strategy = training.save_strategy
     keep = training.save_total_limit

@@ -94,8 +94,9 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     progress = ProgressEvents()
     stop = checkpoints.StopFlag()
     saving = checkpoints.CheckpointCallback(checkpoint_dir, checkpoints.save_minutes(), stop)
+    callbacks = [progress, saving] + ([sharding.RestoreOptimizer(resume)] if sharded else [])
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, callbacks=[progress, saving])
+                      data_collator=collator, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressEvents writes the lines
     _time_saves(trainer, saving)
     if sharded:
@@ -122,7 +123,7 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
                     f"exiting with {EXIT_PREEMPTED} so the job is retried and resumes from it")
         raise Preempted(state.global_step, state.max_steps, saved.name)
     eval_loss = _final_eval_loss(trainer) if eval_set is not None else None
-    state_dict = sharding.full_state(model) if sharded else None  # a collective: every rank gathers
+    state_dict = sharding.trainable_state(model) if sharded else None  # a collective: every rank gathers
     if trainer.is_world_process_zero():
         work.adapter.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(work.adapter, state_dict=state_dict)  # the LoRA weights only, as without FSDP
@@ -307,6 +308,9 @@ def _sharded(config: TrainingConfig) -> bool:
         events.warn("TrainingArguments.fsdp is not applied: one process holds the whole model "
                     "(run under torchrun, or several GPUs in the Job, to shard it)")
         return False
+    if config.training_arguments.fsdp_config:
+        events.warn("TrainingArguments.fsdp_config is not applied: tuner shards each decoder layer and the root "
+                    "with FSDP2's defaults")
     return True
 
 
