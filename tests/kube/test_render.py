@@ -242,6 +242,15 @@ def test_the_same_job_on_one_40gb_gpu_is_refused_with_the_numbers(tmp_path):
                         for_cluster=True), RenderOptions())
 
 
+def test_fsdp_no_keeps_ddp_and_the_job_that_needs_sharding_is_refused(tmp_path):
+    config = tmp_path / "training_config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {"TrainingArguments": {"gradient_checkpointing": True,
+                                                                              "fsdp": "no"}}}))
+    with pytest.raises(UserError, match=r"needs about \d+\.\d GiB per GPU, more than the 37.6 GiB usable .* of each of "
+                                        r"p4d.24xlarge's 8 A100-40GB GPUs"):
+        render(plan_job(qwen32b_lora(tmp_path, "p4d.24xlarge"), config_path=config, for_cluster=True), RenderOptions())
+
+
 def test_a_job_one_gpu_holds_stays_ddp(tmp_path):
     result = render(plan_job(seed_workspace(tmp_path, instance="Standard_NC24s_v3"), for_cluster=True),
                     RenderOptions())

@@ -129,3 +129,33 @@ def test_a_sigkill_under_fsdp_redoes_at_most_one_checkpoint_interval(tmp_path, t
     second = Run(args, tmp_path, launcher)
     assert second.finish() == 0, second.log
     assert resumed_from(second.log) == (saved, MAX_STEPS) and killed_at - saved <= SAVE_STEPS
+
+
+def test_fsdp_shards_over_the_ranks_of_two_nodes_each_checkpointing_into_its_own_work_dir(
+        tmp_path, tiny_model_dir, http_server):
+    """Two "nodes" on loopback, one process each (like two pods): the weights sharded over both, each
+    node's checkpoints complete with the whole adapter, rank 0 alone writing the final one."""
+    from test_distributed import free_port
+
+    from test_checkpoints import MAX_STEPS, SAVE_STEPS, complete_steps
+    from test_checkpoints import config as checkpointing_config
+
+    root, base = http_server
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    port = free_port()
+    works = [tmp_path / f"node{rank}" / "work" for rank in (0, 1)]
+    commands = [[sys.executable, "-m", "tuner.train.distributed", "--nnodes=2", f"--node_rank={rank}",
+                 "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tuner.cli",
+                 "run", str(workspace(tmp_path, [f"{base}/rows.jsonl"])), "--allow-private-urls",
+                 "--config", str(checkpointing_config(tmp_path, tiny_model_dir, fsdp="full_shard")),
+                 "--work-dir", str(works[rank]), "--output", f"oci:{tmp_path / f'layout{rank}'}:v1"]
+                for rank in (0, 1)]
+    (code0, log0), (code1, log1) = run_together(commands, tmp_path)
+    assert (code0, code1) == (0, 0), log0 + log1
+    assert "fsdp: base model sharded over 2 processes" in log0
+    expected = list(range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS))
+    assert complete_steps(works[0]) == complete_steps(works[1]) == expected[-2:]  # save_total_limit 2
+    for work in works:
+        last = work / "checkpoints" / f"checkpoint-{MAX_STEPS}" / "adapter_model.safetensors"
+        assert len(load_file(last)) == 2 * 7 * 2  # each node's copy holds the whole adapter
+    assert (works[0] / ADAPTER).is_file() and not (works[1] / "adapter").exists()

@@ -2,7 +2,7 @@
 LoRA gradients are averaged; or FSDP, where the base weights (and the LoRA states) are sharded over
 every GPU of every node, so a model bigger than one GPU trains. `TrainingArguments.fsdp` asks for
 FSDP; otherwise the cheapest mode that fits is chosen: DDP moves only the small LoRA gradients,
-FSDP gathers every layer's weights in each forward and backward pass."""
+FSDP gathers every layer's weights in each forward and backward pass. `fsdp: no` keeps DDP."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def choose(preset: Preset, config: TrainingConfig, max_length: int, sku: GpuSku,
         return Layout("single", 1, whole, "one GPU")
     if whole.total <= usable:
         return Layout("ddp", world, whole, f"one GPU holds the whole job ({whole.total:.1f} GiB of {usable:.1f})")
+    if (config.training_arguments.fsdp or "").strip() == "no":
+        return Layout("ddp", world, whole, "TrainingArguments.fsdp is no")
     sharded = estimate(preset, config, max_length, shards=world)
     fits = "" if sharded.total <= usable else ", and does not fit even so"
     return Layout("fsdp", world, sharded, f"one GPU cannot hold {whole.total:.1f} GiB (of {usable:.1f} usable); "
