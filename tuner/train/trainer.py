@@ -28,7 +28,7 @@ from tuner.errors import EXIT_PREEMPTED, Preempted, UserError
 from tuner.observe import events
 from tuner.spec.presets import Preset
 from tuner.spec.training_config import TrainingConfig
-from tuner.train import checkpoints, distributed, sharding
+from tuner.train import checkpoints, distributed, label_loss, sharding
 from tuner.train.precision import Precision, choose_precision
 from tuner.train.progress import ProgressEvents
 from tuner.workdir import WorkDir, atomic_write_json
@@ -95,8 +95,9 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     stop = checkpoints.StopFlag()
     saving = checkpoints.CheckpointCallback(checkpoint_dir, checkpoints.save_minutes(), stop)
     callbacks = [progress, saving] + ([sharding.RestoreOptimizer(resume)] if sharded else [])
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, callbacks=callbacks)
+    trainer = LabelLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                               data_collator=collator, callbacks=callbacks)
+    trainer.head = None if sharded else label_loss.output_head(model)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressEvents writes the lines
     _time_saves(trainer, saving)
     if sharded:
@@ -321,6 +322,7 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
     args = {k: v for k, v in config.training_arguments.values().items() if k not in applied}
     args.update(
         output_dir=str(output_dir), report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation needs the loss alone, not every position's logits
         # packed rows have no padding (and no attention mask to find it by)
         include_num_input_tokens_seen="all" if packed else "non_padding", use_cpu=precision.device == "cpu",
     )
@@ -343,6 +345,22 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
         return TrainingArguments(**args)
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc).splitlines()[0], where="training_config.TrainingArguments") from None
+
+
+class LabelLossTrainer(Trainer):
+    """The Trainer with the loss computed where the labels are only (tuner.train.label_loss); `head`
+    None keeps the model's own loss."""
+
+    head: torch.nn.Module | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.head is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = label_loss.label_loss(model, self.accelerator.unwrap_model(model), self.head, inputs,
+                                     num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales the model's own loss
+        return (loss, {"loss": loss}) if return_outputs else loss
 
 
 class ExampleDataset:
