@@ -1,0 +1,226 @@
+"""Training speed against the peers, in one invocation, same data, seed, LoRA and steps:
+
+  kaito_defaults  TRL's SFTTrainer as Kaito's tuning runs it: no packing, loss on every token;
+  trl_best        TRL's SFTTrainer at its best: best-fit-decreasing packing, padding-free batches,
+                  the loss on the answers only (completion_only_loss on prompt-completion rows);
+  tuner           `tuner run` with Kaito's LoRA defaults (tuner packs when it pays, masks the prompt,
+                  computes the loss where the labels are).
+
+Each runs in a fresh process: real (non-padding) tokens/s, label tokens/s, seconds from process start
+to the first optimizer step, peak RSS, the final loss; and the fp32 matmul rate measured in the same
+run, with the LoRA-MFU it implies (4 FLOPs per parameter per token, tuner.kube.throughput). LoRA r=8,
+alpha 8 on every linear layer, batch 1, max_length 512, the chitchat conversations of ../shared/data.
+
+Usage: python scripts/bench_train.py [--quick] [--memory] [--json FILE] [--steps N]
+  --quick   the tiny model and SmolLM2 at few steps (under 10 minutes on 2 cores)
+  --memory  adds a model with a tiny hidden size and Qwen2.5's 151,936 vocabulary at 4096 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "messages" / "chitchat-messages.parquet"
+VARIANTS = ("kaito_defaults", "trl_best", "tuner")
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def model_folder(kind: str, work: Path) -> Path:
+    """smollm2: the embedded default; tiny: its first 2 layers; big-vocab: tiny hidden, Qwen2.5's vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tuner.spec.presets import get_preset
+    from tuner.train.base_model import resolve_base_model
+
+    smollm2 = resolve_base_model(get_preset("smollm2-135m-instruct"))
+    if kind == "smollm2":
+        return smollm2
+    out = work / f"model-{kind}"
+    if not out.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(smollm2)
+        if kind == "tiny":
+            model = AutoModelForCausalLM.from_pretrained(smollm2, num_hidden_layers=2)
+        else:
+            import torch
+
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
+                                                 max_position_embeddings=8192))
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def rows(limit: int) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(DATA).to_pylist()[:limit]
+    return [{"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]} for row in table]
+
+
+def run_trl(variant: str, model_dir: Path, steps: int, max_length: int, limit: int, out: dict) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    data = rows(limit)
+    best = variant == "trl_best"
+    if best:  # the answer as the completion: TRL then masks the prompt
+        data = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in data]
+    counted = {"tokens": 0, "labels": 0}
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if "first_step" not in out:
+                out["first_step"] = time.time()
+
+    config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=1,
+                       learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                       max_length=max_length, packing=best, padding_free=best, completion_only_loss=best,
+                       packing_strategy="bfd", disable_tqdm=True, seed=0)
+    trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(data),
+                         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Count()],
+                         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    collate = trainer.data_collator
+
+    def counting(batch):
+        result = collate(batch)
+        mask = result.get("attention_mask")
+        counted["tokens"] += int(mask.sum()) if mask is not None else int(result["input_ids"].numel())
+        counted["labels"] += int((result["labels"][:, 1:] != -100).sum())
+        return result
+
+    trainer.data_collator = counting  # read when the Trainer builds its dataloader
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    out.update(tokens=counted["tokens"], label_tokens=counted["labels"], seconds=seconds, final_loss=losses[-1],
+               train_loss=result.training_loss, parameters=parameters)
+
+
+def run_tuner(model_dir: Path, steps: int, max_length: int, limit: int, out: dict, work: Path) -> None:
+    import yaml
+
+    from tuner.job import run_job
+    from tuner.observe import events
+    from tuner.spec.plan import plan_job
+
+    data = work / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(limit)))
+    workspace = work / "workspace.yaml"
+    workspace.write_text(yaml.safe_dump({
+        "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "bench"},
+        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": "lora", "config": "bench",
+                   "input": {"volumeSource": {"hostPath": {"path": str(data)}}},
+                   "output": {"volumeSource": {"hostPath": {"path": str(work / "out")}}}}}))
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump({"training_config": {
+        "ModelConfig": {"pretrained_model_name_or_path": str(model_dir)},
+        "LoraConfig": {"target_modules": "all-linear"},
+        "TrainingArguments": {"max_steps": steps, "learning_rate": 2e-4, "logging_steps": 1, "seed": 0,
+                              "max_length": max_length}}}))
+    original = events.emit
+
+    def emit(type, message, **kwargs):  # noqa: A002 (the events API's name)
+        if type == "train.step" and "first_step" not in out:
+            out["first_step"] = time.time()
+        return original(type, message, **kwargs)
+
+    events.emit = emit
+    summary = run_job(plan_job(workspace, config_path=config, work_dir=work / "work"), restart=True)
+    out.update(tokens=summary.train.tokens_seen, label_tokens=summary.data["label_tokens"] * summary.train.epochs,
+               seconds=summary.train.seconds, final_loss=summary.train.final_loss, train_loss=summary.train.train_loss,
+               parameters=None)
+
+
+def child(variant: str, kind: str, steps: int, max_length: int, limit: int, spawned: float) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-{variant}-"))
+    out: dict = {}
+    model_dir = model_folder(kind, Path(tempfile.gettempdir()) / "tuner-bench-models")
+    if variant == "tuner":
+        run_tuner(model_dir, steps, max_length, limit, out, work)
+    else:
+        run_trl(variant, model_dir, steps, max_length, limit, out)
+    if out.get("parameters") is None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            out["parameters"] = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(model_dir)).parameters())
+    gflops = matmul_gflops()
+    tokens_per_s = out["tokens"] / out["seconds"]
+    return {"tokens_per_s": round(tokens_per_s, 1), "label_tokens_per_s": round(out["label_tokens"] / out["seconds"], 1),
+            "first_step_s": round(out["first_step"] - spawned, 2), "peak_rss_mb": resource.getrusage(
+                resource.RUSAGE_SELF).ru_maxrss // 1024, "final_loss": round(out["final_loss"], 4),
+            "matmul_gflops": round(gflops, 1), "lora_mfu": round(tokens_per_s * 4 * out["parameters"] / (gflops * 1e9), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--child", nargs=6)
+    args = parser.parse_args()
+    if args.child:
+        variant, kind, steps, max_length, limit, spawned = args.child
+        print("RESULT " + json.dumps(child(variant, kind, int(steps), int(max_length), int(limit), float(spawned))))
+        return
+    cases = [("tiny", args.steps or (20 if args.quick else 60), 512, 48),
+             ("smollm2", args.steps or (10 if args.quick else 40), 512, 48)]
+    if args.memory:
+        cases.append(("big-vocab", args.steps or 3, 4096, 8))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results: dict = {}
+    for kind, steps, max_length, limit in cases:
+        results[kind] = {}
+        for variant in VARIANTS:
+            spawned = time.time()
+            done = subprocess.run([sys.executable, __file__, "--child", variant, kind, str(steps), str(max_length),
+                                   str(limit), str(spawned)], capture_output=True, text=True, env=env, cwd=REPO)
+            line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{kind} {variant} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            results[kind][variant] = json.loads(line[len("RESULT "):])
+        print(f"\n{kind}: {steps} steps, max_length {max_length}, {limit} conversations")
+        print(f"  {'':15} {'tokens/s':>9} {'labels/s':>9} {'1st step s':>10} {'peak RSS MB':>11} {'loss':>8} "
+              f"{'GFLOP/s':>8} {'LoRA-MFU':>8}")
+        for variant, r in results[kind].items():
+            print(f"  {variant:15} {r['tokens_per_s']:9.1f} {r['label_tokens_per_s']:9.1f} {r['first_step_s']:10.1f} "
+                  f"{r['peak_rss_mb']:11,} {r['final_loss']:8.4f} {r['matmul_gflops']:8.1f} {r['lora_mfu']:8.1%}")
+        tuner, best = results[kind]["tuner"], results[kind]["trl_best"]
+        print(f"  tuner / trl_best: tokens/s {tuner['tokens_per_s'] / best['tokens_per_s']:.2f}x, "
+              f"peak RSS {tuner['peak_rss_mb'] / best['peak_rss_mb']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
