@@ -2,7 +2,8 @@
 
   kaito_defaults  TRL's SFTTrainer as Kaito's tuning runs it: no packing, loss on every token;
   trl_best        TRL's SFTTrainer at its best: best-fit-decreasing packing, padding-free batches,
-                  the loss on the answers only (completion_only_loss on prompt-completion rows);
+                  the loss on every answer only (assistant_only_loss, with TRL's generation-tagged
+                  ChatML template);
   tuner           `tuner run` with Kaito's LoRA defaults (tuner packs when it pays, masks the prompt,
                   computes the loss where the labels are).
 
@@ -86,10 +87,13 @@ def run_trl(variant: str, model_dir: Path, steps: int, max_length: int, limit: i
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
+    import trl
+
     data = rows(limit)
     best = variant == "trl_best"
-    if best:  # the answer as the completion: TRL then masks the prompt
-        data = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in data]
+    # assistant-only loss needs {% generation %} markers, which SmolLM2's ChatML template lacks: TRL ships a
+    # ChatML training template with them (Qwen2.5's, whose default system line differs from SmolLM2's)
+    template = Path(trl.__file__).parent / "chat_templates" / "qwen2_5_training.jinja"
     counted = {"tokens": 0, "labels": 0}
 
     class Count(TrainerCallback):
@@ -99,8 +103,9 @@ def run_trl(variant: str, model_dir: Path, steps: int, max_length: int, limit: i
 
     config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=1,
                        learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                       max_length=max_length, packing=best, padding_free=best, completion_only_loss=best,
-                       packing_strategy="bfd", disable_tqdm=True, seed=0)
+                       max_length=max_length, packing=best, padding_free=best, assistant_only_loss=best,
+                       chat_template_path=str(template) if best else None, packing_strategy="bfd",
+                       disable_tqdm=True, seed=0)
     trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(data),
                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Count()],
                          peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
