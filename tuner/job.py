@@ -76,7 +76,7 @@ def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) ->
     started = summary.now()
     _announce(plan, ranks)
 
-    def lead() -> tuple[tuple[Path, object, PreparedData], tuple[list[InputFile], bool]]:
+    def lead() -> tuple[tuple[Path, object, PreparedData], tuple[list[InputFile], JobSummary | None]]:
         """A node leader's share: fetch, load the base model, prepare (the node's other ranks wait)."""
         with stages.stage("fetch"):
             inputs = (fetch.fetched_inputs(work, tuning.input) if skip_fetch else
@@ -89,7 +89,7 @@ def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) ->
                                                    work.prepared)
             prepared.stats.report()
         require_training_rows(prepared.stats)
-        done = not restart and summary.finished(work, _identity(plan, inputs, prepared)) is not None
+        done = None if restart else summary.finished(work, _identity(plan, inputs, prepared))
         return (model_dir, tokenizer, prepared), (inputs, done)
 
     kept, shared = distributed.leader_first(ranks, lead)
@@ -104,12 +104,11 @@ def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) ->
         model_dir, tokenizer, prepared = kept
     identity = _identity(plan, inputs, prepared)
 
-    if finished:
+    if finished is not None:
         if not ranks.is_main:
             return None
-        done = summary.finished(work, identity)
-        events.info(f"train: skipped: this job finished training on {done.finished} (--restart trains again)")
-        done = _package(plan, done, stages)
+        events.info(f"train: skipped: this job finished training on {finished.finished} (--restart trains again)")
+        done = _package(plan, finished, stages)
         summary.succeeded(done, work, trained=False)
         return done
     if restart and ranks.is_main:

@@ -39,13 +39,13 @@ def plan(workspace: Path, *, config_path: Path | None = None, gpu_count: int | N
              f"{sizing.world_size} GPU(s); best fit: micro-batch {sizing.micro_batch} x {sizing.accumulation} "
              "accumulation"]
     stats, unreachable = _data(job)
+    rate = throughput.tokens_per_second(job.preset, sku, job.config.method)
     if stats is None:
-        rate = throughput.tokens_per_second(job.preset, sku, job.config.method)
         lines += [f"data: not counted ({unreachable})",
                   f"duration: about {_hours(1e6 / (rate.per_gpu * sizing.world_size))} per million training tokens "
                   f"at ~{rate.per_gpu:,.0f} tokens/s per GPU ({rate.basis})"]
     else:
-        lines += _steps_and_duration(job, sizing, stats)
+        lines += _steps_and_duration(job, sizing, stats, rate)
     for alternative in sizing.alternatives:
         verdict = "fits" if alternative.fits else f"still {alternative.estimate.total:.1f} GiB"
         lines.append(f"instead: {alternative.change}: {alternative.estimate.total:.1f} GiB, {verdict}")
@@ -77,14 +77,13 @@ def _data(job: JobPlan) -> tuple[DataStats | None, str]:
             return None, str(exc).split(" (", 1)[0][:160]
 
 
-def _steps_and_duration(job: JobPlan, sizing: Sizing, stats: DataStats) -> list[str]:
-    args = job.config.training_arguments.values()
+def _steps_and_duration(job: JobPlan, sizing: Sizing, stats: DataStats, rate: throughput.Throughput) -> list[str]:
+    args = job.config.training_arguments
     batch = sizing.micro_batch * sizing.accumulation * sizing.world_size
-    epochs = float(args.get("num_train_epochs", 3.0))
+    epochs = args.num_train_epochs
     per_epoch = math.ceil(stats.train_rows / batch)
-    steps = int(args["max_steps"]) if int(args.get("max_steps", -1)) > 0 else math.ceil(per_epoch * epochs)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(per_epoch * epochs)
     tokens = stats.tokens * min(steps * batch / max(stats.train_rows, 1), epochs if steps else 0)
-    rate = throughput.tokens_per_second(job.preset, sizing.sku, job.config.method)
     seconds = tokens / (rate.per_gpu * sizing.world_size)
     return [f"data: {stats.train_rows:,} train rows, {stats.tokens:,} tokens ({stats.eval_rows:,} eval rows)",
             f"steps: {steps:,} ({per_epoch:,} per epoch at batch {batch}), {tokens:,.0f} tokens to train",

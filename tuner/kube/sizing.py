@@ -12,7 +12,7 @@ from tuner.kube.gpus import GpuSku, smallest_with
 from tuner.kube.memory_fit import USABLE_FRACTION, MemoryEstimate, estimate
 from tuner.kube.parallelism import Layout
 from tuner.spec.plan import JobPlan
-from tuner.spec.training_config import TrainingConfig
+from tuner.spec.training_config import TrainingConfig, build_config
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,6 @@ class Alternative:
 @dataclass(frozen=True)
 class Sizing:
     sku: GpuSku
-    world_size: int  # GPUs across the nodes
     layout: Layout  # single, DDP or FSDP, and why
     estimate: MemoryEstimate  # at the configured micro-batch, in that layout
     usable_gib: float
@@ -35,6 +34,10 @@ class Sizing:
     alternatives: tuple[Alternative, ...] = ()  # when it does not fit
 
     @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
     def fits(self) -> bool:
         return self.estimate.total <= self.usable_gib
 
@@ -42,25 +45,21 @@ class Sizing:
 def size_job(plan: JobPlan, sku: GpuSku, config: TrainingConfig) -> Sizing:
     """Size `plan` on `sku` (config: the plan's, as it trains on that GPU type)."""
     usable = sku.gpu_memory_gib * USABLE_FRACTION
-    world = sku.gpu_count * plan.workspace.resource.count
-    args = config.training_arguments
-    accumulation = int(args.values().get("gradient_accumulation_steps", 1))
-    effective = args.per_device_train_batch_size * accumulation * world
     layout = parallelism.choose(plan.preset, config, plan.max_length, sku, plan.workspace.resource.count)
+    world, args = layout.world_size, config.training_arguments
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     need, shards = layout.estimate, layout.estimate.shards
     per_gpu = effective // world
     micro = next((m for m in range(per_gpu, 0, -1) if per_gpu % m == 0
                   and _at(plan, config, shards, micro_batch=m).total <= usable), 1)
     alternatives = () if need.total <= usable else tuple(_alternatives(plan, config, need, usable))
-    return Sizing(sku, world, layout, need, usable, effective, micro, per_gpu // micro, alternatives)
+    return Sizing(sku, layout, need, usable, effective, micro, per_gpu // micro, alternatives)
 
 
 def _alternatives(plan: JobPlan, config: TrainingConfig, need: MemoryEstimate, usable: float):
     """One change at a time, each estimated: what would make the job fit."""
     tried: list[tuple[str, MemoryEstimate]] = []
     if config.method == "lora":
-        from tuner.spec.training_config import build_config
-
         qlora = build_config("qlora", {"TrainingArguments": config.training_arguments.values(),
                                        "LoraConfig": config.lora.values()})
         tried.append(("method qlora (4-bit base weights)", estimate(plan.preset, qlora, plan.max_length, need.shards)))

@@ -103,6 +103,9 @@ class TrainingSection(Section):
     save_steps: float | None = None  # with save_strategy "no": tuner.train.checkpoints' plan
     save_total_limit: int | None = 2  # the newest complete checkpoint survives a crash while saving the next
     per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # -1: num_train_epochs decides
     logging_steps: float = 0.02  # a ratio of the total: about 50 progress lines per run
     logging_first_step: bool = True
     optim: str = "adamw_torch_fused"

@@ -35,9 +35,14 @@ class PassThrough(nn.Module):
         return hidden
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft one (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def output_head(model: nn.Module) -> nn.Module | None:
     """The causal LM's output head when the plain cross-entropy over its output is the model's loss."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _causal_lm(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1) != 1:
         return None
@@ -49,7 +54,7 @@ def label_loss(model: nn.Module, unwrapped: nn.Module, head: nn.Linear, inputs: 
                num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """Cross-entropy over the labelled positions (next-token: the label of position t+1 at t).
     `model` is what the Trainer runs (maybe DDP-wrapped), `unwrapped` the causal LM (or peft model) in it."""
-    base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    base = _causal_lm(unwrapped)
     forward = {key: value for key, value in inputs.items() if key != "labels"}
     base.set_output_embeddings(PassThrough())
     try:
