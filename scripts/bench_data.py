@@ -6,10 +6,12 @@ rows, then, in the same run and with the same tokenizer (SmolLM2-135M-Instruct's
 - the baseline on the 100k file: `datasets.map` over rows, tokenizing each the way TRL's
   SFTTrainer does for prompt/completion data: the prompt with a generation prompt, then prompt +
   completion, the loss mask being the completion part. That is the same output tuner produces
-  (token ids and an assistant-only loss mask); an ids-only variant is reported too.
+  (token ids and an assistant-only loss mask); an ids-only variant is reported too;
+- the tokenizer's own limit on the 100k file: bare `encode_batch` (the Rust tokenizer, every core) over
+  the same rendered texts in the same chunks, rendering untimed: what preparation cannot beat.
 Each measurement runs in its own process, so peak RSS is that run's alone.
 
-Targets: tuner rows/s >= 5x the baseline's; tuner's peak RSS at 1M rows <= 1.5x at 100k.
+Targets: tuner rows/s >= 5x the baseline's and >= 0.9x bare encode_batch; tuner's peak RSS at 1M rows <= 1.5x at 100k.
 Usage: HF_HUB_OFFLINE=1 python scripts/bench_data.py [--sizes 100000 1000000] [--dir DIR]
 """
 
@@ -74,6 +76,25 @@ def measure_tuner(path: Path, work: Path) -> dict:
             "tokens": prepared.stats.tokens}
 
 
+def measure_encode(path: Path) -> dict:
+    """Bare `encode_batch` over the texts tuner renders, chunk by chunk as tuner reads them."""
+    from tuner.data import formats, readers
+    from tuner.data.encode import Encoder
+    from tuner.data.prepare import _detect_formats, row_limits
+    from tuner.spec.config_sections import DatasetSection
+    from tuner.spec.training_config import build_config
+    from tuner.train.base_model import load_tokenizer
+
+    tokenizer = load_tokenizer(_model_dir(), build_config("lora").model)
+    encoder = Encoder(tokenizer, 1024, "truncate")
+    [(_, fmt)] = _detect_formats([path], DatasetSection().mapping())
+    chunks = [[encoder._render(formats.to_sample(row, fmt))[0] for row in chunk.rows]
+              for chunk in readers.iter_chunks(path, 2048, row_limits(tokenizer, 1024)[0])]
+    started = time.perf_counter()
+    tokens = sum(len(e.ids) for texts in chunks for e in encoder.backend.encode_batch(texts, add_special_tokens=False))
+    return {"rows": sum(map(len, chunks)), "seconds": round(time.perf_counter() - started, 2), "tokens": tokens}
+
+
 def measure_baseline(path: Path, ids_only: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -115,6 +136,8 @@ def _child(kind: str, path: Path, work: Path) -> dict:
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     if kind == "tuner":
         result = measure_tuner(path, work)
+    elif kind == "encode":
+        result = measure_encode(path)
     else:
         result = measure_baseline(path, ids_only=kind == "baseline-ids")
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -149,8 +172,10 @@ def main() -> None:
         tuner = {size: run("tuner", files[size], root / f"work-{size}") for size in args.sizes}
         baseline = run("baseline", files[small], root / "unused")
         baseline_ids = run("baseline-ids", files[small], root / "unused")
+        encode = run("encode", files[small], root / "unused")
     print(f"rows/s at {small:,} rows: tuner / baseline x{tuner[small]['rows_per_s'] / baseline['rows_per_s']:.2f} "
-          f"(ids-only baseline x{tuner[small]['rows_per_s'] / baseline_ids['rows_per_s']:.2f}); "
+          f"(ids-only baseline x{tuner[small]['rows_per_s'] / baseline_ids['rows_per_s']:.2f}; "
+          f"bare encode_batch x{tuner[small]['rows_per_s'] / encode['rows_per_s']:.2f}); "
           f"tuner at {large:,} rows: {tuner[large]['rows_per_s']:,} rows/s")
     print(f"peak RSS: tuner at {large:,} / at {small:,} rows x{tuner[large]['peak_rss_mb'] / tuner[small]['peak_rss_mb']:.2f}")
 
