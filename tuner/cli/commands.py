@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="let the Job push to this registry over plain HTTP (repeatable)")
         sub.add_argument("--log-format", choices=events.FORMATS, default="text", dest="job_log_format",
                          help="the Job's log lines: text (default) or one JSON event per line")
+        sub.add_argument("--metrics-port", type=_port, metavar="PORT",
+                         help="the Job serves Prometheus metrics on this port (`tuner run --metrics-port`), "
+                              "named `metrics` and annotated prometheus.io/scrape")
 
     def job_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
@@ -77,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-fetch", action="store_true",
                      help="use the inputs `tuner fetch` left in the work directory instead of fetching them")
     log_format_argument(run)
+    run.add_argument("--metrics-port", type=_port, metavar="PORT",
+                     help="serve the job's Prometheus metrics (loss, step, tokens/s, stage, ...) on this port "
+                          "while it runs (rank 0 under torchrun)")
     run.add_argument("--restart", action="store_true",
                      help="delete the work directory's checkpoints (and ignore a finished adapter) and train "
                           "from the start; without it a run resumes from the latest checkpoint of the same job")
@@ -106,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-length", type=int, help="override TrainingArguments.max_length")
     render = commands.add_parser("render", help="print the ConfigMap, Job (and Service, PVC) for a Workspace")
     render_arguments(render)
+    render.add_argument("--pod-monitor", action="store_true",
+                        help="also print a prometheus-operator PodMonitor scraping the Job's --metrics-port")
 
     def cluster_arguments(sub: argparse.ArgumentParser, namespace: bool = True) -> None:
         sub.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, "
@@ -159,7 +168,8 @@ def _render(args: argparse.Namespace):
         gpu_memory_gib=args.gpu_memory, backoff_limit=args.backoff_limit,
         insecure_registries=tuple(args.insecure_registry), url_headers_secret=args.url_headers_secret,
         model_cache_pvc=args.model_cache_pvc,
-        log_format=args.job_log_format))
+        log_format=args.job_log_format, metrics_port=args.metrics_port,
+        pod_monitor=getattr(args, "pod_monitor", False)))
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -206,6 +216,25 @@ def _watch(api, args: argparse.Namespace) -> int:
     submit.cancel(api, job, args.namespace)
     print(f"cancelled {args.namespace}/{job}")
     return EXIT_OK
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (1 to 65535)")
+    return int(value)
+
+
+def _metrics(args: argparse.Namespace, plan):
+    """`tuner run --metrics-port`: rank 0 serves the job's metrics while it runs (tuner.observe.metrics);
+    binding the port here makes one in use an error before any work."""
+    from tuner.train.distributed import ranks_from_env
+
+    if args.metrics_port is None or not ranks_from_env().is_main:
+        return contextlib.nullcontext()
+    from tuner.observe import metrics
+
+    return metrics.serving(args.metrics_port, workspace=plan.workspace.metadata.name, preset=plan.preset.name,
+                           method=plan.workspace.tuning.method)
 
 
 def _registry_options(args: argparse.Namespace):
@@ -374,7 +403,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"ok: {plan.workspace.metadata.name}: {plan.workspace.tuning.method} on {plan.preset.name}, "
               f"config {plan.config.digest()[:19]}")
         return EXIT_OK
-    run_job(plan, skip_fetch=args.skip_fetch, restart=args.restart)
+    with _metrics(args, plan):
+        run_job(plan, skip_fetch=args.skip_fetch, restart=args.restart)
     return EXIT_OK
 
 

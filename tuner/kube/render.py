@@ -40,6 +40,8 @@ PUSH_SECRET_DIR = f"{CONFIG_DIR}/push-secret"
 PULL_SECRET_DIR = f"{CONFIG_DIR}/pull-secret"
 URL_HEADERS_DIR = f"{CONFIG_DIR}/url-headers"
 RENDEZVOUS_PORT = 29500
+METRICS_PORT_NAME = "metrics"  # the tuner container's port `tuner run --metrics-port` serves on
+METRICS_PATH = "/metrics"  # where tuner.observe.metrics answers scrapes
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # Kubernetes' default path, named for clarity
 
 
@@ -62,6 +64,8 @@ class RenderOptions:
     url_headers_secret: str | None = None  # a Secret with key headers.json: HTTP headers per dataset host
     model_cache_pvc: str | None = None  # a ReadWriteMany claim jobs share as their model cache
     log_format: str = "text"  # "json": one JSON event per log line (TUNER_LOG_FORMAT)
+    metrics_port: int | None = None  # `tuner run --metrics-port`: the port, named and annotated for scraping
+    pod_monitor: bool = False  # also a prometheus-operator PodMonitor for that port
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
         fetch_args += ["--registry-config", PULL_SECRET_DIR]
     run_args = ["run", f"{CONFIG_DIR}/workspace.yaml", "--config", f"{CONFIG_DIR}/training_config.yaml",
                 "--work-dir", WORK_DIR, "--skip-fetch", *registry_args]
+    ports, pod_annotations = _ports(options, nodes)
+    if options.metrics_port is not None:
+        run_args += ["--metrics-port", str(options.metrics_port)]
     command = _launcher(sku.gpu_count, nodes, f"{job_name}-0.{service_name}")
     if command:
         run_args = ["-m", "tuner.cli", *run_args]
@@ -165,8 +172,13 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
         container_security={"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
                             "capabilities": {"drop": ["ALL"]}},
         resources={"limits": {"nvidia.com/gpu": sku.gpu_count}} if sku.gpu_count else {},
-        fetch_mounts=fetch_mounts, run_mounts=run_mounts, volumes=volumes, rendezvous_port=RENDEZVOUS_PORT)
+        fetch_mounts=fetch_mounts, run_mounts=run_mounts, volumes=volumes, ports=ports,
+        pod_annotations=pod_annotations)
     manifests.append(job)
+    if options.pod_monitor:  # the Job's pods, by their template's labels
+        manifests.append(_template("podmonitor.yaml", name=job_name, **common, port_name=METRICS_PORT_NAME,
+                                   path=METRICS_PATH, selector={k: labels[k] for k in (
+                                       "app.kubernetes.io/name", "app.kubernetes.io/instance")}))
     if options.resume and not options.work_pvc:
         manifests.append(_template("pvc.yaml", name=f"{job_name}-work", **common,
                                    access_mode="ReadWriteMany" if nodes > 1 else "ReadWriteOnce",
@@ -185,6 +197,24 @@ def job_namespace(flag: str | None, workspace_namespace: str | None) -> str:
     except ValueError as exc:
         raise UserError(str(exc), where="--namespace" if flag else "metadata.namespace",
                         fix="name an existing namespace") from None
+
+
+def _ports(options: RenderOptions, nodes: int) -> tuple[list[dict], dict[str, str]]:
+    """The tuner container's ports (torchrun's rendezvous on several nodes, the metrics) and the pod's
+    prometheus.io annotations for the scrapers that read them."""
+    ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}] if nodes > 1 else []
+    port = options.metrics_port
+    if port is None:
+        if options.pod_monitor:
+            raise UserError("a PodMonitor needs the metrics port", where="--pod-monitor",
+                            fix="add --metrics-port PORT (e.g. 9400)")
+        return ports, {}
+    if not 0 < port < 65536 or (nodes > 1 and port == RENDEZVOUS_PORT):
+        raise UserError(f"{port} is not a free TCP port for the metrics" + (
+            f" (torchrun's rendezvous uses {RENDEZVOUS_PORT})" if port == RENDEZVOUS_PORT else ""),
+            where="--metrics-port", fix="choose another port from 1 to 65535 (e.g. 9400)")
+    ports.append({"name": METRICS_PORT_NAME, "containerPort": port, "protocol": "TCP"})
+    return ports, {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": METRICS_PATH}
 
 
 def _pod_workspace(workspace_path: Path) -> str:

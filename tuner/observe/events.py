@@ -8,7 +8,9 @@ JSON (`--log-format json`, or `TUNER_LOG_FORMAT=json`): one object per line with
 `time`, `level` and `message`, and where they apply `step`, `metrics`, `data` and `error` (the
 README documents the schema). While a job runs, every event is also appended to
 WORK/events.jsonl in the JSON form, whatever the log format, for `tuner report`.
-`last_progress_line` reads either form back (for `tuner status`).
+`last_progress_line` reads either form back (for `tuner status`). `listen` hands every event, as
+the dict `emit` returns, to a function of the caller's (the job's Prometheus metrics,
+tuner.observe.metrics), so no stage needs to know who watches.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +48,7 @@ class _Log:
     format: str = "text"
     record: TextIO | None = None  # WORK/events.jsonl while a job runs
     bar: Any = None  # the live progress bar (tqdm) on a terminal, while training
+    listeners: tuple[Callable[[dict[str, Any]], None], ...] = ()  # see `listen`
 
 
 _log = _Log()
@@ -93,6 +97,8 @@ def emit(type: str, message: str, *, level: str = "info", step: int | None = Non
     line = json.dumps(event, default=str)
     if _log.record is not None:
         _log.record.write(line + "\n")
+    for listener in _log.listeners:
+        listener(event)
     out = sys.stdout if _log.format == "json" or stream is None else stream
     if _log.format == "json":
         _write(out, line)
@@ -103,6 +109,16 @@ def emit(type: str, message: str, *, level: str = "info", step: int | None = Non
             _close_bar()
         _write(out, f"{time.strftime('%H:%M:%S', time.gmtime())} {message}" if stamp else message)
     return event
+
+
+def listen(listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+    """Hand every event from now on to `listener` (which must not raise); returns what stops it."""
+    _log.listeners = (*_log.listeners, listener)
+
+    def stop() -> None:
+        _log.listeners = tuple(x for x in _log.listeners if x is not listener)
+
+    return stop
 
 
 def info(message: str) -> None:
