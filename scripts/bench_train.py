@@ -8,7 +8,8 @@
                   computes the loss where the labels are).
 
 Each runs in a fresh process: real (non-padding) tokens/s, label tokens/s, seconds from process start
-to the first optimizer step, peak RSS, the final loss; and the fp32 matmul rate measured in the same
+to the start of the first training step (against a process that only imports torch, transformers and
+peft and loads the model), peak RSS, the final loss; and the fp32 matmul rate measured in the same
 run, with the LoRA-MFU it implies (4 FLOPs per parameter per token, tuner.kube.throughput). LoRA r=8,
 alpha 8 on every linear layer, batch 1, max_length 512, the chitchat conversations of ../shared/data.
 
@@ -35,13 +36,21 @@ VARIANTS = ("kaito_defaults", "trl_best", "tuner")
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """fp32 on a CPU; on a GPU bf16 at 8192 (what training runs there)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    cuda = torch.cuda.is_available()
+    size = 8192 if cuda else size
+    options = {"device": "cuda", "dtype": torch.bfloat16} if cuda else {}
+    a, b = torch.randn(size, size, **options), torch.randn(size, size, **options)
     torch.matmul(a, b)
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         torch.matmul(a, b)
+    if cuda:
+        torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
@@ -72,42 +81,49 @@ def model_folder(kind: str, work: Path) -> Path:
     return out
 
 
-def rows(limit: int) -> list[dict]:
+def rows(limit: int, max_length: int) -> list[dict]:
+    """The first `limit` conversations; at max_length 4096 (the memory case) each is several chitchat
+    conversations joined into one long multi-turn one that nearly fills max_length, so every variant
+    computes sequences of about that length (one chitchat conversation is ~1,200 tokens)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(DATA).to_pylist()[:limit]
-    return [{"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]} for row in table]
+    table = pq.read_table(DATA).to_pylist()
+    conversations = [[{"role": m["role"], "content": m["content"]} for m in row["messages"]] for row in table]
+    if max_length < 4096:
+        return [{"messages": c} for c in conversations[:limit]]
+    joined: list[list[dict]] = [[]]
+    for conversation in conversations:
+        if sum(len(m["content"]) for m in joined[-1] + conversation) > 3 * max_length:  # ~3.5 characters a token
+            if len(joined) == limit:
+                break
+            joined.append([])
+        joined[-1].extend(conversation)
+    return [{"messages": c} for c in joined]
 
 
 def run_trl(variant: str, model_dir: Path, steps: int, max_length: int, limit: int, out: dict) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
     import trl
 
-    data = rows(limit)
+    data = rows(limit, max_length)
     best = variant == "trl_best"
     # assistant-only loss needs {% generation %} markers, which SmolLM2's ChatML template lacks: TRL ships a
     # ChatML training template with them (Qwen2.5's, whose default system line differs from SmolLM2's)
     template = Path(trl.__file__).parent / "chat_templates" / "qwen2_5_training.jinja"
     counted = {"tokens": 0, "labels": 0}
-
-    class Count(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if "first_step" not in out:
-                out["first_step"] = time.time()
-
     config = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=1,
-                       learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                       learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
                        max_length=max_length, packing=best, padding_free=best, assistant_only_loss=best,
                        chat_template_path=str(template) if best else None, packing_strategy="bfd",
                        disable_tqdm=True, seed=0)
     trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=Dataset.from_list(data),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Count()],
+                         processing_class=AutoTokenizer.from_pretrained(model_dir),
                          peft_config=LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     collate = trainer.data_collator
 
@@ -132,11 +148,10 @@ def run_tuner(model_dir: Path, steps: int, max_length: int, limit: int, out: dic
     import yaml
 
     from tuner.job import run_job
-    from tuner.observe import events
     from tuner.spec.plan import plan_job
 
     data = work / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows(limit)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(limit, max_length)))
     workspace = work / "workspace.yaml"
     workspace.write_text(yaml.safe_dump({
         "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "bench"},
@@ -149,24 +164,39 @@ def run_tuner(model_dir: Path, steps: int, max_length: int, limit: int, out: dic
         "LoraConfig": {"target_modules": "all-linear"},
         "TrainingArguments": {"max_steps": steps, "learning_rate": 2e-4, "logging_steps": 1, "seed": 0,
                               "max_length": max_length}}}))
-    original = events.emit
-
-    def emit(type, message, **kwargs):  # noqa: A002 (the events API's name)
-        if type == "train.step" and "first_step" not in out:
-            out["first_step"] = time.time()
-        return original(type, message, **kwargs)
-
-    events.emit = emit
     summary = run_job(plan_job(workspace, config_path=config, work_dir=work / "work"), restart=True)
     out.update(tokens=summary.train.tokens_seen, label_tokens=summary.data["label_tokens"] * summary.train.epochs,
                seconds=summary.train.seconds, final_loss=summary.train.final_loss, train_loss=summary.train.train_loss,
                parameters=None)
 
 
+def bare_load(model_dir: Path, spawned: float) -> dict:
+    """The start-up floor: `import torch, transformers, peft`, load the model, add LoRA; nothing else."""
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return {"first_step_s": round(time.time() - spawned, 2),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+
+
 def child(variant: str, kind: str, steps: int, max_length: int, limit: int, spawned: float) -> dict:
+    model_dir = model_folder(kind, Path(tempfile.gettempdir()) / "tuner-bench-models")
+    if variant == "bare_load":
+        return bare_load(model_dir, spawned)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-{variant}-"))
     out: dict = {}
-    model_dir = model_folder(kind, Path(tempfile.gettempdir()) / "tuner-bench-models")
+    from transformers import Trainer
+
+    training_step = Trainer.training_step
+
+    def first_step_starts(self, *args, **kwargs):  # the same mark for every variant: the first step begins
+        out.setdefault("first_step", time.time())
+        return training_step(self, *args, **kwargs)
+
+    Trainer.training_step = first_step_starts
     if variant == "tuner":
         run_tuner(model_dir, steps, max_length, limit, out, work)
     else:
@@ -180,7 +210,10 @@ def child(variant: str, kind: str, steps: int, max_length: int, limit: int, spaw
                 AutoConfig.from_pretrained(model_dir)).parameters())
     gflops = matmul_gflops()
     tokens_per_s = out["tokens"] / out["seconds"]
-    return {"tokens_per_s": round(tokens_per_s, 1), "label_tokens_per_s": round(out["label_tokens"] / out["seconds"], 1),
+    import torch
+
+    gpu = {"peak_gpu_mb": torch.cuda.max_memory_allocated() // 2**20} if torch.cuda.is_available() else {}
+    return {**gpu, "tokens_per_s": round(tokens_per_s, 1), "label_tokens_per_s": round(out["label_tokens"] / out["seconds"], 1),
             "first_step_s": round(out["first_step"] - spawned, 2), "peak_rss_mb": resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss // 1024, "final_loss": round(out["final_loss"], 4),
             "matmul_gflops": round(gflops, 1), "lora_mfu": round(tokens_per_s * 4 * out["parameters"] / (gflops * 1e9), 3)}
@@ -192,6 +225,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--case", action="append", choices=("tiny", "smollm2", "big-vocab"),
+                        help="run only these cases (repeatable)")
     parser.add_argument("--child", nargs=6)
     args = parser.parse_args()
     if args.child:
@@ -200,13 +235,14 @@ def main() -> None:
         return
     cases = [("tiny", args.steps or (20 if args.quick else 60), 512, 48),
              ("smollm2", args.steps or (10 if args.quick else 40), 512, 48)]
-    if args.memory:
+    if args.memory or "big-vocab" in (args.case or ()):
         cases.append(("big-vocab", args.steps or 3, 4096, 8))
+    cases = [case for case in cases if not args.case or case[0] in args.case]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results: dict = {}
     for kind, steps, max_length, limit in cases:
         results[kind] = {}
-        for variant in VARIANTS:
+        for variant in (*VARIANTS, "bare_load"):
             spawned = time.time()
             done = subprocess.run([sys.executable, __file__, "--child", variant, kind, str(steps), str(max_length),
                                    str(limit), str(spawned)], capture_output=True, text=True, env=env, cwd=REPO)
@@ -217,12 +253,16 @@ def main() -> None:
         print(f"\n{kind}: {steps} steps, max_length {max_length}, {limit} conversations")
         print(f"  {'':15} {'tokens/s':>9} {'labels/s':>9} {'1st step s':>10} {'peak RSS MB':>11} {'loss':>8} "
               f"{'GFLOP/s':>8} {'LoRA-MFU':>8}")
+        bare = results[kind].pop("bare_load")
         for variant, r in results[kind].items():
             print(f"  {variant:15} {r['tokens_per_s']:9.1f} {r['label_tokens_per_s']:9.1f} {r['first_step_s']:10.1f} "
                   f"{r['peak_rss_mb']:11,} {r['final_loss']:8.4f} {r['matmul_gflops']:8.1f} {r['lora_mfu']:8.1%}")
         tuner, best = results[kind]["tuner"], results[kind]["trl_best"]
         print(f"  tuner / trl_best: tokens/s {tuner['tokens_per_s'] / best['tokens_per_s']:.2f}x, "
-              f"peak RSS {tuner['peak_rss_mb'] / best['peak_rss_mb']:.2f}x")
+              f"peak RSS {tuner['peak_rss_mb'] / best['peak_rss_mb']:.2f}x; start-up: first step at "
+              f"{tuner['first_step_s']:.1f}s, {tuner['first_step_s'] / bare['first_step_s']:.2f}x the bare imports "
+              f"and model load ({bare['first_step_s']:.1f}s)")
+        results[kind]["bare_load"] = bare
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -49,7 +49,7 @@ def loss_and_grads(model, compute) -> tuple[float, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_the_label_loss_and_its_gradients_equal_the_models_own(method, layout, tiny_model_dir, tmp_path,
                                                               monkeypatch):
-    monkeypatch.setattr(label_loss, "CHUNK", 7)  # several chunks, the last one short
+    monkeypatch.setattr(label_loss, "chunk_size", lambda vocab: 7)  # several chunks, the last one short
     model, batches = model_and_batches(tiny_model_dir, method, tmp_path)
     batch = batches[layout]
     head = label_loss.output_head(model)
@@ -81,3 +81,10 @@ def test_a_soft_capped_model_keeps_its_own_loss(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.config.final_logit_softcapping = 30.0
     assert label_loss.output_head(model) is None
+
+
+def test_a_chunk_holds_about_128_mib_of_logits_whatever_the_vocabulary():
+    assert label_loss.chunk_size(151_936) * 151_936 * 4 <= label_loss.CHUNK_BYTES
+    assert (label_loss.chunk_size(151_936) + 1) * 151_936 * 4 > label_loss.CHUNK_BYTES
+    assert label_loss.chunk_size(49_152) > label_loss.chunk_size(151_936)
+    assert label_loss.chunk_size(10**9) == label_loss.MIN_CHUNK

@@ -4,7 +4,7 @@ For a 152k vocabulary at 4k tokens the full logits are 2.5 GB in fp32 per sequen
 for their gradient, though most positions of a chat carry no loss (the prompt, the padding). The
 output head is made to pass its input through, so the model's own forward (through any DDP
 wrapper, whose gradient hooks it arms) returns the final hidden states; the head is then applied
-to the positions with a label only, `CHUNK` of them at a time, each chunk's logits recomputed in
+to the positions with a label only, a chunk of them at a time (`chunk_size`), each chunk's logits recomputed in
 the backward pass (activation checkpointing) instead of kept: the pattern of torchtune's chunked
 loss and Liger's fused linear cross-entropy, in plain torch so it runs on CPU and GPU alike.
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-CHUNK = 1024  # label positions per chunk: 1024 x 152k vocabulary x 4 bytes = 0.6 GB of logits at a time
+CHUNK_BYTES = 128 << 20  # fp32 logits per chunk; the backward holds about three times this (logits, softmax, grad)
+MIN_CHUNK = 64  # positions: fewer makes the head's matmul inefficient
 IGNORE = -100
 
 
@@ -65,11 +66,18 @@ def label_loss(model: nn.Module, unwrapped: nn.Module, head: nn.Linear, inputs: 
     chosen = labels != IGNORE
     states, targets = hidden[:, :-1][chosen], labels[chosen]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), CHUNK):
-        total = total + checkpoint(_chunk_loss, head.weight, head.bias, states[start:start + CHUNK],
-                                   targets[start:start + CHUNK], use_reentrant=False)
+    size = chunk_size(head.out_features)
+    for start in range(0, len(targets), size):
+        total = total + checkpoint(_chunk_loss, head.weight, head.bias, states[start:start + size],
+                                   targets[start:start + size], use_reentrant=False)
     count = num_items_in_batch if num_items_in_batch is not None else chosen.sum()
     return total / (count.to(total.device) if isinstance(count, torch.Tensor) else count)
+
+
+def chunk_size(vocab: int) -> int:
+    """Label positions per chunk: 220 for Qwen2.5's 151,936 tokens, 682 for SmolLM2's 49,152. At 4096
+    tokens the bench (scripts/bench_train.py --memory) peaked at 2,529 MB with 1,024-position chunks."""
+    return max(MIN_CHUNK, CHUNK_BYTES // (4 * vocab))
 
 
 def _chunk_loss(weight: torch.Tensor, bias: torch.Tensor | None, states: torch.Tensor,
