@@ -78,6 +78,46 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
+def _trained_work_dir(tmp_path_factory, model_dir: Path, method: str) -> Path:
+    """The work directory of a real `tuner run` (6 steps of `method` on `model_dir`, rows from a volume)."""
+    import json
+
+    import yaml
+
+    from tuner import cli
+
+    root = tmp_path_factory.mktemp(f"trained-{method}")
+    (root / "data").mkdir()
+    (root / "data" / "rows.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}) + "\n"
+        for i in range(6)))
+    (root / "workspace.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": f"trained-{method}"},
+        "resource": {"instanceType": "Standard_NC6s_v3"},
+        "tuning": {"preset": {"name": "smollm2-135m-instruct"}, "method": method,
+                   "input": {"volumeSource": {"hostPath": {"path": "data"}}},
+                   "output": {"volumeSource": {"hostPath": {"path": "out"}}}}}))
+    (root / "training_config.yaml").write_text(yaml.safe_dump({"training_config": {
+        "ModelConfig": {"pretrained_model_name_or_path": str(model_dir)},
+        "TrainingArguments": {"max_steps": 6, "logging_steps": 2, "learning_rate": 0.01, "max_length": 64}}}))
+    work = root / "work"
+    assert cli.main(["run", str(root / "workspace.yaml"), "--config", str(root / "training_config.yaml"),
+                     "--work-dir", str(work)]) == 0
+    return work
+
+
+@pytest.fixture(scope="session")
+def lora_work_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """A finished `tuner run` work directory: a LoRA adapter of the tiny model (treat it as read-only)."""
+    return _trained_work_dir(tmp_path_factory, tiny_model_dir, "lora")
+
+
+@pytest.fixture(scope="session")
+def qlora_work_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """Likewise, a QLoRA adapter (bitsandbytes 4-bit NF4 base on the CPU)."""
+    return _trained_work_dir(tmp_path_factory, tiny_model_dir, "qlora")
+
+
 @contextlib.contextmanager
 def serving_with(handler) -> Iterator[str]:
     """A real threaded HTTP server on 127.0.0.1 answering with `handler` for the block; yields

@@ -3,7 +3,8 @@
     plan (tuner.spec.plan, done by the caller) -> fetch (tuner.data.fetch) -> base model
     (tuner.train.base_model) -> prepare (tuner.data.prepared_cache) -> train (tuner.train.trainer)
     -> summary (tuner.observe.summary) -> loss curve (tuner.observe.loss_curves) -> package
-    (tuner.oci.publish) -> succeeded (tuner.observe.summary)
+    (tuner.oci.publish) -> [merge (tuner.train.merge) and its image, with --merged-image]
+    -> succeeded (tuner.observe.summary)
 
 Every stage writes into the work directory (tuner.workdir) and is idempotent: a retried pod
 reuses the fetched inputs, the prepared data, the latest complete checkpoint, and a finished
@@ -160,6 +161,23 @@ def _package(plan: JobPlan, finished: JobSummary, stages: Stages) -> JobSummary:
     with stages.stage("package"):
         image = deliver(plan.output, plan.work, plan.registry)
     finished = finished.model_copy(update={"image": image or finished.image,
+                                           "stage_seconds": summary.stage_seconds(stages.seconds)})
+    finished.write(plan.work.result)
+    if plan.merged_output is not None:
+        finished = _merge(plan, finished, stages)
+    return finished
+
+
+def _merge(plan: JobPlan, finished: JobSummary, stages: Stages) -> JobSummary:
+    """`--merged-image`: the adapter merged into its base model (WORK/merged, reused once complete),
+    pushed as the job's second image, and where it went recorded in result.json."""
+    from tuner.oci.publish import deliver_merged
+    from tuner.train.merge import merge
+
+    with stages.stage("merge"):
+        merged = merge(plan.work.root, plan.work.merged, registry=plan.registry, replace=True)
+        image = deliver_merged(plan.merged_output, plan.work, merged.dtype, plan.registry)
+    finished = finished.model_copy(update={"merged_image": image,
                                            "stage_seconds": summary.stage_seconds(stages.seconds)})
     finished.write(plan.work.result)
     return finished

@@ -5,6 +5,8 @@
     WORK/checkpoints/       resumable training state (tuner.train.checkpoints)
     WORK/adapter/           the trained adapter; training_summary.json, written last, marks it complete
     WORK/image/             the adapter image as an OCI layout, the copy a registry push is made from
+    WORK/merged/            the base model with the adapter merged (`tuner run --merged-image`; tuner.train.merge)
+    WORK/merged-image/      the merged model's image as an OCI layout, the copy its push is made from
     WORK/events.jsonl       every event of the job (tuner.observe.events), read by `tuner report`
     WORK/result.json        the job's summary with where its adapter went
 
@@ -70,6 +72,14 @@ class WorkDir:
     @property
     def image(self) -> Path:
         return self.root / "image"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def merged_image(self) -> Path:
+        return self.root / "merged-image"
 
     @property
     def events(self) -> Path:

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--log-format", choices=events.FORMATS,
                          help="text lines (default) or one JSON event per line (default from $TUNER_LOG_FORMAT)")
 
+    def merged_image_argument(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--merged-image", metavar="REF",
+                         help="also push the base model with the adapter merged (no peft needed to serve it) as "
+                              "a second image: REGISTRY/REPO:TAG, or oci:DIR[:TAG] for a local run")
+
     def render_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("workspace", type=Path, help="Workspace YAML with a tuning section")
         sub.add_argument("--config", type=Path, help="training ConfigMap manifest, or a bare training_config.yaml")
@@ -61,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="let the Job push to this registry over plain HTTP (repeatable)")
         sub.add_argument("--log-format", choices=events.FORMATS, default="text", dest="job_log_format",
                          help="the Job's log lines: text (default) or one JSON event per line")
+        merged_image_argument(sub)
         sub.add_argument("--metrics-port", type=_port, metavar="PORT",
                          help="the Job serves Prometheus metrics on this port (`tuner run --metrics-port`), "
                               "named `metrics` and annotated prometheus.io/scrape")
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--allow-private-urls", action="store_true",
                          help="allow dataset URLs on localhost or private networks (local testing)")
         registry_arguments(sub)
+        merged_image_argument(sub)
 
     run = commands.add_parser("run", help="run the whole tuning job here: fetch, prepare, train, package")
     job_arguments(run)
@@ -139,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("work_dir", type=Path, metavar="WORKDIR", help="work directory of `tuner run`, or an adapter folder")
     push.add_argument("image", metavar="IMAGE", help="REGISTRY/REPO:TAG, or oci:DIR[:TAG]")
     registry_arguments(push)
+    merge = commands.add_parser("merge", help="write the base model with the adapter merged into its weights "
+                                              "(a plain transformers model folder, no peft)")
+    merge.add_argument("work_dir", type=Path, metavar="WORKDIR", help="work directory of `tuner run`, or an adapter folder")
+    merge.add_argument("out", type=Path, metavar="OUT", help="new or empty folder for the merged model")
+    merge.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                       help="the merged weights' dtype (default: the dtype training ran in, else bf16)")
+    merge.add_argument("--base-model", type=Path, metavar="DIR",
+                       help="the base model's folder (default: found as training found it)")
+    registry_arguments(merge)
+    log_format_argument(merge)
     pull = commands.add_parser("pull", help="download an adapter image and unpack its /data files")
     pull.add_argument("image", metavar="IMAGE", help="REGISTRY/REPO[:TAG][@DIGEST]")
     pull.add_argument("dest", type=Path, metavar="DIR", help="new or empty directory for the adapter files")
@@ -161,7 +178,7 @@ def _render(args: argparse.Namespace):
     from tuner.kube.render import DEFAULT_IMAGE, RenderOptions, render
     from tuner.spec.plan import plan_job
 
-    plan = plan_job(args.workspace, config_path=args.config, for_cluster=True)
+    plan = plan_job(args.workspace, config_path=args.config, for_cluster=True, merged_image=args.merged_image)
     return render(plan, RenderOptions(
         namespace=args.namespace, image=args.image or DEFAULT_IMAGE, resume=not args.no_resume,
         work_pvc=args.work_pvc, storage_class=args.storage_class, storage_size=args.storage_size, gpus=args.gpus,
@@ -328,7 +345,7 @@ def _presets() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command in ("check-data", "pull"):
+    if args.command in ("check-data", "pull", "merge"):
         _stop_on_sigterm()
     if args.command == "presets":
         _presets()
@@ -356,6 +373,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command in ("submit", "status", "logs", "cancel"):
         return _cluster(args)
+    if args.command == "merge":
+        from tuner.train.merge import merge
+
+        merged = merge(args.work_dir, args.out, dtype=args.dtype, base_model=args.base_model,
+                       registry=_registry_options(args))
+        print(f"{'already merged' if merged.reused else 'merged'}: {merged.folder} ({merged.dtype})")
+        return EXIT_OK
     if args.command == "push":
         from tuner.oci.publish import publish
 
@@ -394,7 +418,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     plan = plan_job(args.workspace, config_path=args.config, output=args.output,
                     work_dir=getattr(args, "work_dir", None), allow_private_urls=args.allow_private_urls,
-                    registry=_registry_options(args))
+                    registry=_registry_options(args), merged_image=args.merged_image)
     if args.command == "validate":
         for note in plan.notes:
             print(f"note: {note}")

@@ -26,6 +26,7 @@ from tuner.observe import termination
 from tuner.spec import k8s_names
 from tuner.spec.plan import CLUSTER_OUTPUT_DIR, JobPlan
 from tuner.spec.presets import bundled_dir
+from tuner.spec.targets import RegistryTarget
 from tuner.spec.yamlio import load_yaml_file
 from tuner.train import distributed
 
@@ -131,6 +132,8 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
         fetch_args += ["--registry-config", PULL_SECRET_DIR]
     run_args = ["run", f"{CONFIG_DIR}/workspace.yaml", "--config", f"{CONFIG_DIR}/training_config.yaml",
                 "--work-dir", WORK_DIR, "--skip-fetch", *registry_args]
+    if isinstance(plan.merged_output, RegistryTarget):  # the plan refuses an OCI layout for a Job
+        run_args += ["--merged-image", plan.merged_output.reference]
     ports, pod_annotations = _ports(options, nodes)
     if options.metrics_port is not None:
         run_args += ["--metrics-port", str(options.metrics_port)]
@@ -145,7 +148,7 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
            {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}
            if nodes > 1 else {"name": "NODE_RANK", "value": "0"}]
-    if tuning.output.image:
+    if tuning.output.image or (plan.merged_output and tuning.output.image_push_secret):  # the merged push's too
         env.append({"name": "DOCKER_CONFIG", "value": PUSH_SECRET_DIR})
     if access := tuning.preset.model_access_secret:  # Kaito's presetOptions.modelAccessSecret, key HF_TOKEN
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": access, "key": "HF_TOKEN"}}})

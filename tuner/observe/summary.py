@@ -99,6 +99,7 @@ class JobSummary(_Record):
     finished: str
     job: dict[str, Any]  # what makes two runs the same job (tuner.train.checkpoints.job_identity)
     image: PublishedImage | None = None  # where the adapter was pushed, once it was
+    merged_image: PublishedImage | None = None  # where the merged model went (`tuner run --merged-image`)
 
     @classmethod
     def read(cls, path: Path) -> JobSummary | None:
@@ -126,7 +127,7 @@ class JobSummary(_Record):
                           if evaluation.adapter_loss is not None else None),
             "trained_tokens": train.tokens_seen, "image": str(self.image) if self.image else None,
             "seconds": round(self.seconds, 1),
-        }
+        } | ({"merged_image": str(self.merged_image)} if self.merged_image else {})
 
 
 def build(plan: JobPlan, inputs: list[InputFile], stats: DataStats, result: TrainResult,
@@ -203,6 +204,8 @@ def succeeded(summary: JobSummary, work: WorkDir, *, trained: bool) -> None:
         results["curve"] = work.curve
     if summary.image:
         results["image"] = str(summary.image)
+    if summary.merged_image:
+        results["merged_image"] = str(summary.merged_image)
     if not events.json_format():
         for line in table(summary):
             events.info(line)

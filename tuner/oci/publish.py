@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +88,22 @@ def package(adapter_dir: Path, layout: OciLayoutTarget) -> str:
     return write_oci_layout(image, layout)
 
 
+def package_merged(model_dir: Path, adapter_dir: Path, dtype: str, layout: OciLayoutTarget) -> str:
+    """Write the merged model's image (its files under /data, as the adapter image's) into an OCI layout,
+    tagged layout.tag, with the adapter's provenance; return its digest."""
+    annotations = image_annotations(adapter_dir, layout.tag if layout.tag != "latest" else None)
+    summary = JobSummary.read(adapter_dir / SUMMARY_FILE)
+    annotations["org.opencontainers.image.title"] = (f"{summary.workspace} merged model" if summary else
+                                                     f"{adapter_dir.resolve().name} merged model")
+    annotations["org.opencontainers.image.description"] = (
+        f"{summary.preset} ({summary.base_model.hub_id}) with its {summary.method} adapter merged, {dtype}"
+        if summary else f"base model with a LoRA adapter merged, {dtype}")
+    annotations["dev.tuner.merged-dtype"] = dtype
+    image = build_adapter_image(model_dir, labels=annotations, annotations=annotations,
+                                created=annotations["org.opencontainers.image.created"], required=("config.json",))
+    return write_oci_layout(image, layout)
+
+
 def publish(work_dir: Path, reference: str, options: RegistryOptions) -> Published:
     """Package work_dir's adapter and push it to `reference` (a registry, or oci:DIR[:TAG]).
 
@@ -94,27 +111,43 @@ def publish(work_dir: Path, reference: str, options: RegistryOptions) -> Publish
     and `tuner push` can be re-run alone.
     """
     adapter_dir = adapter_dir_of(work_dir)
+    # a bare adapter folder: keep the layout out of it
+    layout_dir = None if adapter_dir == work_dir else WorkDir(work_dir).image
+    return _publish(lambda layout: package(adapter_dir, layout), reference, options, layout_dir,
+                    f"the adapter is safe in {adapter_dir}; fix the cause and re-run only the push: "
+                    f"tuner push {work_dir} {reference}")
+
+
+def publish_merged(model_dir: Path, adapter_dir: Path, dtype: str, reference: str, options: RegistryOptions,
+                   layout_dir: Path) -> Published:
+    """Package the merged model folder and push it to `reference`, through the OCI layout `layout_dir`."""
+    return _publish(lambda layout: package_merged(model_dir, adapter_dir, dtype, layout), reference, options,
+                    layout_dir, f"the merged model is safe in {model_dir}; fix the cause and re-run the job "
+                                "(it reuses the adapter and the merged model, and only pushes)")
+
+
+def _publish(pack: Callable[[OciLayoutTarget], str], reference: str, options: RegistryOptions,
+             layout_dir: Path | None, fix: str) -> Published:
+    """`pack` the image into an OCI layout and push it: `reference` oci:DIR[:TAG] is that layout;
+    for a registry the layout is `layout_dir` (None: a temporary folder)."""
     target = parse_output_ref(reference)
     if isinstance(target, OciLayoutTarget):
-        digest = package(adapter_dir, target)
+        digest = pack(target)
         events.emit("push.done", f"output: {reference}@{digest} (an OCI image layout)",
                     data={"reference": reference, "digest": digest, "uploaded_bytes": 0})
         return Published(digest, target, None)
     assert isinstance(target, RegistryTarget)
     tag = reference.rsplit("/", 1)[-1].partition("@")[0].partition(":")[2] or "latest"
     with contextlib.ExitStack() as cleanup:
-        if adapter_dir == work_dir:  # a bare adapter folder: keep the layout out of it
-            layout = OciLayoutTarget(Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tuner-image-"))), tag)
-        else:
-            layout = OciLayoutTarget(WorkDir(work_dir).image, tag)
-        digest = package(adapter_dir, layout)
+        if layout_dir is None:
+            layout_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tuner-image-")))
+        layout = OciLayoutTarget(layout_dir, tag)
+        digest = pack(layout)
         events.info(f"push: {reference} (image {digest})")
         try:
             result = push_layout(layout, reference, options)
         except UserError as e:
-            raise UserError(f"push failed: {e}",
-                            fix=f"the adapter is safe in {adapter_dir}; fix the cause and re-run only the push: "
-                                f"tuner push {work_dir} {reference}") from None
+            raise UserError(f"push failed: {e}", fix=fix) from None
     events.emit("push.done", f"push: done: {reference}@{result.digest}, {result.uploaded_bytes / 1e6:,.1f} MB "
                              f"uploaded, {result.skipped_blobs} blob(s) already there",
                 data={"reference": reference, "digest": result.digest, "uploaded_bytes": result.uploaded_bytes})
@@ -134,3 +167,11 @@ def deliver(output: OciLayoutTarget | RegistryTarget | Path, work: WorkDir,
         return None
     reference = output.reference if isinstance(output, RegistryTarget) else f"oci:{output.path}:{output.tag}"
     return PublishedImage(reference=reference, digest=publish(work.root, reference, registry).digest)
+
+
+def deliver_merged(output: OciLayoutTarget | RegistryTarget, work: WorkDir, dtype: str,
+                   registry: RegistryOptions) -> PublishedImage:
+    """The merged model in WORK/merged published as the job's second image (`tuner run --merged-image`)."""
+    reference = output.reference if isinstance(output, RegistryTarget) else f"oci:{output.path}:{output.tag}"
+    published = publish_merged(work.merged, work.adapter, dtype, reference, registry, work.merged_image)
+    return PublishedImage(reference=reference, digest=published.digest)

