@@ -17,6 +17,12 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The MLflow tracking server the tracker tests report to, in a venv of its own: the full `mlflow`
+# pins pyarrow<26, tuner's client (mlflow-skinny) does not.
+if [ ! -x .venv-mlflow/bin/mlflow ]; then
+  "${PYTHON:-python3}" -m venv .venv-mlflow
+  .venv-mlflow/bin/pip install -q --disable-pip-version-check "mlflow==3.17.2"
+fi
 . .venv/bin/activate
 ruff check tuner tests scripts  # pyflakes, import order, bugbear ([tool.ruff] in pyproject.toml)
 exec python -m pytest "$@"

@@ -71,7 +71,7 @@ def run_job(plan: JobPlan, *, skip_fetch: bool = False, restart: bool = False) -
 
 
 def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) -> JobSummary | None:
-    from tuner.train import base_model, trainer  # here: `tuner fetch` (the init container) needs no torch
+    from tuner.train import base_model, trackers, trainer  # here: `tuner fetch` (the init container) needs no torch
 
     work, tuning, stages = plan.work, plan.workspace.tuning, Stages()
     started = summary.now()
@@ -116,7 +116,8 @@ def _run_stages(plan: JobPlan, ranks: Ranks, skip_fetch: bool, restart: bool) ->
         summary.forget(work)
     with stages.stage("train"):
         result = trainer.train(model_dir, tokenizer, prepared, plan.config, plan.preset, work, plan.max_length,
-                               identity=identity, restart=restart)
+                               identity=identity, restart=restart,
+                               tracking=trackers.Tracking.of(plan.workspace.metadata.name, identity))
     if not ranks.is_main:
         return None
     loss_curves.draw_job_curve(work, f"{plan.workspace.metadata.name}: {tuning.method} on {plan.preset.name}")
@@ -157,9 +158,12 @@ def _identity(plan: JobPlan, inputs: list[InputFile], prepared: PreparedData) ->
 def _package(plan: JobPlan, finished: JobSummary, stages: Stages) -> JobSummary:
     """Deliver the adapter (output volume or image) and record where it went in result.json."""
     from tuner.oci.publish import deliver
+    from tuner.train import trackers
 
     with stages.stage("package"):
         image = deliver(plan.output, plan.work, plan.registry)
+    if image is not None:
+        trackers.record_image(plan.work, f"{image.reference}@{image.digest}")
     finished = finished.model_copy(update={"image": image or finished.image,
                                            "stage_seconds": summary.stage_seconds(stages.seconds)})
     finished.write(plan.work.result)

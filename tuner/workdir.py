@@ -86,6 +86,11 @@ class WorkDir:
         return self.root / EVENTS_FILE
 
     @property
+    def runs(self) -> Path:
+        """TensorBoard's event files (TrainingArguments.report_to: tensorboard)."""
+        return self.root / "runs"
+
+    @property
     def result(self) -> Path:
         return self.root / "result.json"
 

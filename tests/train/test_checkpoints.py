@@ -97,9 +97,9 @@ def run(args: list[str], cwd: Path) -> tuple[int, Run]:
     return process.finish(), process
 
 
-def drained_at_step(args: list[str], cwd: Path, step: int) -> Run:
+def drained_at_step(args: list[str], cwd: Path, step: int, env: dict | None = None) -> Run:
     """A run sent SIGTERM once it logged `step`, checked to have exited with the retryable code."""
-    first = Run(args, cwd)
+    first = Run(args, cwd, env=env)
     first.wait_for_step(step)
     first.proc.send_signal(signal.SIGTERM)
     assert first.finish() == EXIT_PREEMPTED, first.log

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--url-headers-secret", metavar="SECRET",
                          help="Secret whose key headers.json holds HTTP headers per dataset host "
                               '({"host": {"Authorization": "..."}}), mounted for the fetch container')
+        sub.add_argument("--env-secret", action="append", default=[], metavar="SECRET",
+                         help="a Secret whose keys become the training container's environment, e.g. "
+                              "MLFLOW_TRACKING_URI or WANDB_API_KEY for TrainingArguments.report_to (repeatable)")
         sub.add_argument("--insecure-registry", action="append", default=[], metavar="HOST:PORT",
                          help="let the Job push to this registry over plain HTTP (repeatable)")
         sub.add_argument("--log-format", choices=events.FORMATS, default="text", dest="job_log_format",
@@ -184,7 +187,7 @@ def _render(args: argparse.Namespace):
         work_pvc=args.work_pvc, storage_class=args.storage_class, storage_size=args.storage_size, gpus=args.gpus,
         gpu_memory_gib=args.gpu_memory, backoff_limit=args.backoff_limit,
         insecure_registries=tuple(args.insecure_registry), url_headers_secret=args.url_headers_secret,
-        model_cache_pvc=args.model_cache_pvc,
+        env_secrets=tuple(args.env_secret), model_cache_pvc=args.model_cache_pvc,
         log_format=args.job_log_format, metrics_port=args.metrics_port,
         pod_monitor=getattr(args, "pod_monitor", False)))
 

@@ -63,6 +63,7 @@ class RenderOptions:
     grace_seconds: int = distributed.DEFAULT_GRACE_SECONDS  # time to save a checkpoint after SIGTERM
     insecure_registries: tuple[str, ...] = ()
     url_headers_secret: str | None = None  # a Secret with key headers.json: HTTP headers per dataset host
+    env_secrets: tuple[str, ...] = ()  # Secrets whose keys become the tuner container's variables (trackers' URIs, keys)
     model_cache_pvc: str | None = None  # a ReadWriteMany claim jobs share as their model cache
     log_format: str = "text"  # "json": one JSON event per log line (TUNER_LOG_FORMAT)
     metrics_port: int | None = None  # `tuner run --metrics-port`: the port, named and annotated for scraping
@@ -161,6 +162,7 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
     fetch_env = [e for e in env if e["name"] in ("NODE_RANK", "DOCKER_CONFIG")] + shared_env
     if options.url_headers_secret:
         fetch_env.append({"name": "TUNER_URL_HEADERS_FILE", "value": f"{URL_HEADERS_DIR}/headers.json"})
+    env_from = [{"secretRef": {"name": _secret_name(name)}} for name in options.env_secrets]
     if command:  # torchrun's wait for its workers after SIGTERM, within the pod's grace period
         env.append({"name": distributed.SHUTDOWN_ENV, "value": str(distributed.shutdown_seconds(options.grace_seconds))})
     selector = resource.label_selector
@@ -170,7 +172,8 @@ def render(plan: JobPlan, options: RenderOptions) -> Rendered:
         service_name=service_name, node_selector=selector.match_labels if selector else {},
         affinity=_affinity(selector.match_expressions if selector else [], resource.preferred_nodes),
         gpus=sku.gpu_count, image_pull_secrets=[{"name": s} for s in tuning.input.image_pull_secrets],
-        image=options.image, fetch_args=fetch_args, run_args=run_args, command=command, env=env, fetch_env=fetch_env,
+        image=options.image, fetch_args=fetch_args, run_args=run_args, command=command, env=env, env_from=env_from,
+        fetch_env=fetch_env,
         termination_message_path=TERMINATION_MESSAGE_PATH,
         container_security={"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
                             "capabilities": {"drop": ["ALL"]}},
@@ -272,6 +275,13 @@ def _volumes(plan: JobPlan, options: RenderOptions, job_name: str,
         fetch_mounts.append(push_mount)
         run_mounts.append(push_mount)
     return volumes, fetch_mounts, run_mounts
+
+
+def _secret_name(name: str) -> str:
+    try:
+        return k8s_names.dns1123_subdomain(name, "Secret name")
+    except ValueError as exc:
+        raise UserError(str(exc), where="--env-secret", fix="name an existing Secret of the Job's namespace") from None
 
 
 def _docker_config_volume(name: str, secret: str) -> dict:

@@ -163,6 +163,8 @@ def deliver(output: OciLayoutTarget | RegistryTarget | Path, work: WorkDir,
         for path in sorted(work.adapter.iterdir()):
             if path.is_file():
                 shutil.copy2(path, output / path.name)
+        if work.runs.is_dir():  # TensorBoard's event files (report_to: tensorboard), beside the adapter
+            shutil.copytree(work.runs, output / work.runs.name, dirs_exist_ok=True)
         events.info(f"output: adapter files copied to {output}")
         return None
     reference = output.reference if isinstance(output, RegistryTarget) else f"oci:{output.path}:{output.tag}"

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tuner.spec import trackers
 from tuner.spec.columns import FORMATS, ColumnMapping
 
 Dtype = Literal["bfloat16", "float16", "float32", "auto"]
@@ -121,11 +122,17 @@ class TrainingSection(Section):
     fsdp_config: dict[str, Any] | str | None = None
     max_length: int | None = None  # None: TRL's 1024, capped by the preset's context (tuner.spec.plan)
     packing: bool | None = None  # None: tuner packs when it saves padding (tuner.data.packing)
+    report_to: str | list[str] = "none"  # transformers' integrations (tuner.spec.trackers)
 
     @property
     def sharded(self) -> bool:
         """FSDP asked for: any of transformers' option strings ("full_shard", "full_shard auto_wrap")."""
         return bool(self.fsdp) and self.fsdp.strip() != "no"
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The integrations `report_to` names ("all": every installed one), as transformers reads it."""
+        return trackers.report_to(self.report_to)
 
     @property
     def checkpointing(self) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuner.errors import UserError, UserErrors, quote
-from tuner.spec import library_keys
+from tuner.spec import library_keys, trackers
 from tuner.spec.config_sections import (
     SECTIONS,
     CollatorSection,
@@ -162,6 +162,10 @@ def build_config(method: str, user: dict[str, Any] | None = None) -> TrainingCon
     if not errors:
         try:
             DatasetSection.model_validate(checked["DatasetConfig"]).mapping()  # format and columns agree
+        except UserError as exc:
+            errors.append(exc)
+        try:
+            trackers.report_to(checked["TrainingArguments"].get("report_to"))  # known and installed
         except UserError as exc:
             errors.append(exc)
     if errors:

@@ -28,7 +28,7 @@ from tuner.errors import EXIT_PREEMPTED, Preempted, UserError
 from tuner.observe import events
 from tuner.spec.presets import Preset
 from tuner.spec.training_config import TrainingConfig
-from tuner.train import checkpoints, distributed, label_loss, sharding
+from tuner.train import checkpoints, distributed, label_loss, sharding, trackers
 from tuner.train.precision import Precision, choose_precision
 from tuner.train.progress import ProgressEvents
 from tuner.workdir import WorkDir, atomic_write_json
@@ -64,7 +64,7 @@ class TrainResult:
 
 def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig, preset: Preset,
           work: WorkDir, max_length: int, *, identity: dict[str, Any] | None = None,
-          restart: bool = False) -> TrainResult:
+          restart: bool = False, tracking: trackers.Tracking | None = None) -> TrainResult:
     """Train a LoRA adapter and save it (with the tokenizer) into WORK/adapter.
 
     Checkpoints go to WORK/checkpoints (see `tuner.checkpoints` for when). With an `identity`
@@ -72,7 +72,8 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
     same job, refuses one of another job (UserError), or with `restart` deletes them first. On
     SIGTERM it saves a checkpoint, stops and raises `errors.Preempted` (exit 143) without
     writing the adapter. Under torchrun every rank calls this; each node's local rank 0 writes
-    the checkpoints into its node's work dir, and only rank 0 writes the adapter.
+    the checkpoints into its node's work dir, and only rank 0 writes the adapter. The trackers that
+    TrainingArguments.report_to names hear of the run under `tracking`'s name (tuner.train.trackers).
     """
     precision = choose_precision(config.model.torch_dtype)
     if precision.reason:
@@ -88,13 +89,25 @@ def train(model_dir: Path, tokenizer, data: PreparedData, config: TrainingConfig
                     f"({len(sharding.decoder_layers(model))} decoder layers and the root)")
     train_set, eval_set, collator = _datasets(data, config, tokenizer, max_length)
     checkpoint_dir = work.checkpoints
+    tracking = tracking or trackers.Tracking(preset.name)
     args = _training_arguments(config, precision, checkpoint_dir, has_eval=eval_set is not None,
-                               packed=isinstance(collator, PackingCollator), sharded=sharded)
+                               packed=isinstance(collator, PackingCollator), sharded=sharded, run_name=tracking.name)
     resume = _resume_point(checkpoint_dir, identity, restart) if identity is not None else None
+    with trackers.environment(args.report_to, tracking, work, resumed=resume is not None) as run_ids:
+        if args.report_to:
+            events.info(trackers.describe(tuple(args.report_to)))
+        return _fit(model, trainable, sharded, train_set, eval_set, collator, args, resume,
+                    work, tokenizer, precision, callbacks=[trackers.RecordRunIds(work, run_ids)])
+
+
+def _fit(model, trainable: int, sharded: bool, train_set, eval_set, collator, args: TrainingArguments,
+         resume: Path | None, work: WorkDir, tokenizer, precision: Precision, callbacks: list) -> TrainResult:
+    """Train, save the adapter, and sum up what happened."""
+    checkpoint_dir = work.checkpoints
     progress = ProgressEvents()
     stop = checkpoints.StopFlag()
     saving = checkpoints.CheckpointCallback(checkpoint_dir, checkpoints.save_minutes(), stop)
-    callbacks = [progress, saving] + ([sharding.RestoreOptimizer(resume)] if sharded else [])
+    callbacks = [progress, saving, *callbacks] + ([sharding.RestoreOptimizer(resume)] if sharded else [])
     trainer = LabelLossTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                                data_collator=collator, callbacks=callbacks)
     trainer.head = None if sharded else label_loss.output_head(model)
@@ -316,12 +329,13 @@ def _sharded(config: TrainingConfig) -> bool:
 
 
 def _training_arguments(config: TrainingConfig, precision: Precision, output_dir: Path, has_eval: bool,
-                        packed: bool, sharded: bool = False):
+                        packed: bool, sharded: bool = False, run_name: str | None = None):
     # tuner applies max_length and packing itself, and FSDP by hand (tuner.train.sharding)
     applied = ("max_length", "packing", "fsdp", "fsdp_config")
     args = {k: v for k, v in config.training_arguments.values().items() if k not in applied}
     args.update(
-        output_dir=str(output_dir), report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        output_dir=str(output_dir), report_to=list(config.training_arguments.trackers), disable_tqdm=True,
+        remove_unused_columns=False,
         prediction_loss_only=True,  # evaluation needs the loss alone, not every position's logits
         # packed rows have no padding (and no attention mask to find it by)
         include_num_input_tokens_seen="all" if packed else "non_padding", use_cpu=precision.device == "cpu",
@@ -333,6 +347,8 @@ def _training_arguments(config: TrainingConfig, precision: Precision, output_dir
     else:
         args.update(bf16=precision.mixed_bf16, fp16=precision.mixed_fp16)
     args.update(checkpoints.save_arguments(config.training_arguments, sharded=sharded))
+    if run_name:
+        args.setdefault("run_name", run_name)  # the trackers' run name (transformers' default: output_dir)
     if distributed.ranks_from_env().distributed:
         args.setdefault("ddp_backend", distributed.ddp_backend())
         # every node's work dir gets its own copy, so each node can resume (one node: no change)
