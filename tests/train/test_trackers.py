@@ -137,3 +137,19 @@ def test_no_tracker_secret_reaches_the_log_or_the_work_directory(tracked_job, ml
     for path in tracked_job["work"].rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".txt", ".log"):
             assert address not in path.read_text(errors="replace"), path
+
+
+def test_a_users_mlflow_tags_are_kept_beside_tuners_and_bad_ones_refused(tmp_path, monkeypatch):
+    from tuner.errors import UserError
+    from tuner.train.trackers import Tracking, environment
+    from tuner.workdir import WorkDir
+
+    monkeypatch.setenv("MLFLOW_TAGS", '{"team": "search"}')
+    with environment(("mlflow",), Tracking("ws", {"tuner.preset": "p"}), WorkDir(tmp_path), resumed=False):
+        assert json.loads(os.environ["MLFLOW_TAGS"]) == {"tuner.preset": "p", "team": "search"}
+        assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "ws"
+    assert os.environ["MLFLOW_TAGS"] == '{"team": "search"}' and "MLFLOW_EXPERIMENT_NAME" not in os.environ
+    monkeypatch.setenv("MLFLOW_TAGS", "team=search")
+    with pytest.raises(UserError, match=r"^MLFLOW_TAGS \(environment\): is not a JSON object"):
+        with environment(("mlflow",), Tracking("ws"), WorkDir(tmp_path), resumed=False):
+            pass

@@ -28,6 +28,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tuner import __version__
+from tuner.errors import UserError
 from tuner.observe import events
 from tuner.workdir import WorkDir, atomic_write_json
 
@@ -68,7 +69,7 @@ def environment(integrations: tuple[str, ...], tracking: Tracking, work: WorkDir
         chosen["TENSORBOARD_LOGGING_DIR"] = str(work.runs)
     if "mlflow" in integrations:
         chosen["MLFLOW_EXPERIMENT_NAME"] = tracking.name
-        user_tags = json.loads(os.environ.get("MLFLOW_TAGS") or "{}")
+        user_tags = _user_tags()
         chosen["MLFLOW_TAGS"] = json.dumps({**tracking.tags, **user_tags})
         chosen["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # the run's URL names the server
         if "mlflow" in ids:
@@ -91,6 +92,18 @@ def environment(integrations: tuple[str, ...], tracking: Tracking, work: WorkDir
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _user_tags() -> dict[str, Any]:
+    """MLFLOW_TAGS as the user set it (a JSON object), to add tuner's provenance to."""
+    try:
+        tags = json.loads(os.environ.get("MLFLOW_TAGS") or "{}")
+    except ValueError:
+        tags = None
+    if not isinstance(tags, dict):
+        raise UserError("is not a JSON object", where="MLFLOW_TAGS (environment)",
+                        fix='set it to e.g. {"team": "search"}, or unset it')
+    return tags
 
 
 def describe(integrations: tuple[str, ...]) -> str:
