@@ -290,7 +290,7 @@ def test_prometheus_scrapes_the_loss_the_run_logged(tmp_path, tiny_model_dir, ht
         assert set(stages) == {"fetch", "load", "prepare", "train", "package"}
         # the job was scraped while it ran, not only at its end: a scrape saw the train stage active (it lasts
         # seconds: the model load, the Trainer, the steps), where a loss count depends on how fast 6 steps run
-        [training] = prometheus.query(f'max_over_time(tuner_stage_active{{job="tuner",stage="train"}}[10m])')
+        [training] = prometheus.query('max_over_time(tuner_stage_active{job="tuner",stage="train"}[10m])')
         assert float(training["value"][1]) == 1
     finally:
         prometheus.stop()

@@ -18,7 +18,15 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from tuner.errors import UserError
-from tuner.oci.image import LAYER_MEDIA_TYPE, Blob, blob_path, build_adapter_image, read_oci_layout, write_oci_layout
+from tuner.oci.image import (
+    LAYER_MEDIA_TYPE,
+    Blob,
+    blob_path,
+    build_adapter_image,
+    read_oci_layout,
+    write_image,
+    write_oci_layout,
+)
 from tuner.oci.unpack import unpack_data_dir
 from tuner.spec.targets import OciLayoutTarget, RegistryTarget, parse_output_ref
 
@@ -279,3 +287,30 @@ def test_parse_output_ref_rejects_naming_the_reference(ref: str) -> None:
     with pytest.raises(UserError) as excinfo:
         parse_output_ref(ref)
     assert repr(ref) in str(excinfo.value)
+
+
+def test_write_image_streams_the_layer_into_the_layout_without_holding_it(tmp_path):
+    """A merged model's layer is the model's size: built into the layout it never sits in memory."""
+    import tracemalloc
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with (model / "model.safetensors").open("wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))  # 32 MiB that gzip cannot shrink
+    target = OciLayoutTarget(tmp_path / "layout", "v1")
+    tracemalloc.start()
+    try:
+        digest = write_image(model, target, required=("config.json",))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    image = read_oci_layout(target)
+    assert image.manifest.digest == digest and image.layer.size > 32 << 20
+    assert image.layer.content == blob_path(target.path, image.layer.digest)  # read back in place, not copied
+    in_memory = build_adapter_image(model, required=("config.json",))
+    assert (in_memory.layer, in_memory.manifest) == (image.layer, image.manifest)  # the same bytes either way
+    assert sorted(p.name for p in (target.path / "blobs" / "sha256").iterdir()) == sorted(
+        blob.digest.split(":")[1] for blob in (image.layer, image.config, image.manifest))  # no leftover part file

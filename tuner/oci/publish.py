@@ -16,7 +16,7 @@ from tuner import __version__
 from tuner.errors import UserError
 from tuner.observe import events
 from tuner.observe.summary import JobSummary, PublishedImage
-from tuner.oci.image import build_adapter_image, write_oci_layout
+from tuner.oci.image import write_image
 from tuner.oci.registry import PushResult, push_layout
 from tuner.spec.targets import OciLayoutTarget, RegistryOptions, RegistryTarget, parse_output_ref
 from tuner.workdir import SUMMARY_FILE, WorkDir
@@ -83,9 +83,8 @@ def adapter_dir_of(work_dir: Path) -> Path:
 def package(adapter_dir: Path, layout: OciLayoutTarget) -> str:
     """Write the adapter image into an OCI layout, tagged layout.tag; return its digest."""
     annotations = image_annotations(adapter_dir, layout.tag if layout.tag != "latest" else None)
-    image = build_adapter_image(adapter_dir, labels=annotations, annotations=annotations,
-                                created=annotations["org.opencontainers.image.created"])
-    return write_oci_layout(image, layout)
+    return write_image(adapter_dir, layout, labels=annotations, annotations=annotations,
+                       created=annotations["org.opencontainers.image.created"])
 
 
 def package_merged(model_dir: Path, adapter_dir: Path, dtype: str, layout: OciLayoutTarget) -> str:
@@ -99,9 +98,8 @@ def package_merged(model_dir: Path, adapter_dir: Path, dtype: str, layout: OciLa
         f"{summary.preset} ({summary.base_model.hub_id}) with its {summary.method} adapter merged, {dtype}"
         if summary else f"base model with a LoRA adapter merged, {dtype}")
     annotations["dev.tuner.merged-dtype"] = dtype
-    image = build_adapter_image(model_dir, labels=annotations, annotations=annotations,
-                                created=annotations["org.opencontainers.image.created"], required=("config.json",))
-    return write_oci_layout(image, layout)
+    return write_image(model_dir, layout, labels=annotations, annotations=annotations,
+                       created=annotations["org.opencontainers.image.created"], required=("config.json",))
 
 
 def publish(work_dir: Path, reference: str, options: RegistryOptions) -> Published:
