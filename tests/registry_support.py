@@ -43,7 +43,8 @@ ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND", 429: "TOOMA
 REPO_PATH = re.compile(r"^/v2/(?P<name>.+?)/(?:manifests|blobs|tags)/")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (the servers the tests start bind it next)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -65,7 +66,7 @@ class RegistryServer:
         self.tls = tls
         self.username = username
         self.password = f"pw-{secrets.token_hex(12)}"
-        self.host = f"127.0.0.1:{_free_port()}"
+        self.host = f"127.0.0.1:{free_port()}"
         self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.log_path = root / "registry.log"
         # skopeo's --cert-dir reads every *.crt as a CA and wants a *.cert for every *.key: CA only.

@@ -24,6 +24,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 from job_support import ROWS, configmap, workspace
+from registry_support import free_port
 from tuner import cli
 from tuner.errors import EXIT_USER_ERROR
 from tuner.observe import events, metrics
@@ -46,12 +47,6 @@ def samples(text: str, parse=parse_prometheus) -> dict[tuple[str, frozenset], fl
 
 def value(found: dict, name: str, **extra: str) -> float:
     return found[name, frozenset({**LABELS, **extra}.items())]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture()

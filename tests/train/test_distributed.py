@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from job_support import ROWS, configmap, unpack_layout, workspace
+from registry_support import free_port
 from tuner.spec.presets import get_preset
 from tuner.spec.training_config import build_config, load_config_file
 
@@ -82,12 +82,6 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,17 +18,12 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from job_support import ROWS, sha256_of
+from registry_support import free_port
 from test_checkpoints import MAX_STEPS, Run, drained_at_step
 from tuner.train.trackers import IMAGE_TAG, TRACKERS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 MLFLOW = REPO / ".venv-mlflow" / "bin" / "mlflow"  # the server, in a venv of its own (scripts/test.sh)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
